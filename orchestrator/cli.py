@@ -1,0 +1,118 @@
+"""Command line: rlseg-sweep (run or --dry-run a spec) and rlseg-table (re-render a run's table).
+
+Exit codes: 0 every trial ok; 1 some trial failed (summary printed); 2 bad input (one line, nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other input error
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: command line: {message} (see --help)\n")
+
+
+def _sweep_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="rlseg-sweep",
+        description="Run an ablation spec (rows x seeds) as Ray Tune trials, each a Ray Train TorchTrainer; "
+                    "log to MLflow; write Parquet and a mean ± std table under results/.",
+        epilog="example: rlseg-sweep ablations/loss.yaml schedule.epochs=3 --max-concurrent 2")
+    p.add_argument("spec", nargs="?", help="an ablation spec, e.g. ablations/loss.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides applied to every row before the row's own `set`")
+    p.add_argument("--profile", help="a profile of the spec (default: the embedded default)")
+    p.add_argument("--dry-run", action="store_true", help="print the trial matrix and exit; starts nothing")
+    p.add_argument("--address", help="Ray cluster address (e.g. auto or ray://head:10001); default: a local Ray")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
+    p.add_argument("--results-dir", default="results", help="results root (default: ./results)")
+    p.add_argument("--list", action="store_true", help="list the shipped ablations, presets and registered names")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v: Tune's status tables; -vv: also the workers' logs")
+    return p
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    args = _sweep_parser().parse_intermixed_args(argv)
+    if args.list:
+        return _list()
+    if not args.spec:
+        print("rlseg-sweep: a spec is required, e.g. rlseg-sweep ablations/loss.yaml (see --list)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        print("command line: --max-concurrent: expected a whole number >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    from orchestrator.spec import SpecError, resolve
+
+    try:
+        plan = resolve(args.spec, profile=args.profile, overrides=args.overrides)
+    except SpecError as e:
+        print(f"rlseg-sweep: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.dry_run:
+        from orchestrator.plan import render_plan
+
+        print(render_plan(plan, max_concurrent=args.max_concurrent))
+        return EXIT_OK
+
+    from orchestrator.sweep import run_sweep
+    from orchestrator.tracking import ui_command
+
+    out = run_sweep(plan, results_root=Path(args.results_dir), address=args.address,
+                    max_concurrent=args.max_concurrent, verbose=1 + args.verbose)
+    print()
+    print(out.markdown)
+    print()
+    print(f"results: {out.run_dir}")
+    print(f"mlflow:  {ui_command(out.tracking_uri)}")
+    if out.failed:
+        print(f"\n{len(out.failed)} of {len(plan.trials)} trials failed:", file=sys.stderr)
+        for r in out.failed:
+            print(f"  {r['row']} | seed {r['seed']}: {r['error']}", file=sys.stderr)
+        return EXIT_TRIALS_FAILED
+    return EXIT_OK
+
+
+def table_main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="rlseg-table",
+                                description="Re-render table.md/.csv/.tex and plots of a results folder from its Parquet files.")
+    p.add_argument("run_dir", help="results/<spec>/<run>/")
+    p.add_argument("--metric", help="another metric column of trials.parquet (default: the spec's)")
+    args = p.parse_args(argv)
+
+    from orchestrator import results
+    from orchestrator.sweep import render_tables
+
+    run_dir = Path(args.run_dir)
+    try:
+        trials, epochs, meta = results.read_run(run_dir)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"rlseg-table: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.metric:
+        if args.metric not in trials.columns:
+            known = ", ".join(c for c in trials.columns if c.startswith(("val/", "train/")))
+            print(f"rlseg-table: {run_dir}: --metric: no column {args.metric!r} (columns: {known})", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        meta = {**meta, "metric": args.metric}
+    _, md, _, _ = render_tables(run_dir, trials, epochs, meta)
+    print(md)
+    print(f"\nwritten: {run_dir / 'table.md'} (.csv, .tex) and {run_dir / 'plots'}/")
+    return EXIT_OK
+
+
+def _list() -> int:
+    from orchestrator.spec import preset_names
+    from trainers.registry import DATASETS, DECODERS, ENCODERS, METHODS, load_all
+
+    load_all()
+    specs = sorted(Path("ablations").glob("*.yaml")) if Path("ablations").is_dir() else []
+    print("ablations: " + (", ".join(str(s) for s in specs) or "(none in ./ablations)"))
+    print("presets:   " + ", ".join(preset_names()))
+    for reg in (METHODS, DATASETS, ENCODERS, DECODERS):
+        print(f"{reg.kind + 's:':<10} " + ", ".join(reg.names()))
+    return EXIT_OK

@@ -1,0 +1,108 @@
+"""The results folder of one sweep run and its Parquet files (DESIGN.md, "Results layout").
+
+    results/<spec>/<UTC timestamp>-<short id>/
+      spec.resolved.yaml  env.json  trials.parquet  epochs.parquet  table.md/.csv/.tex  plots/*.png  ray/
+
+Every file is written to a temporary name in the same folder and renamed into place, so a run
+killed at any moment leaves whole files or none.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_KEY = b"rlseg"
+TRIAL_COLUMNS = ["trial_id", "row", "row_index", "seed", "status", "error", "trial_path", "mlflow_run_id",
+                 "epochs", "wall_s", "config_json"]
+EPOCH_COLUMNS = ["trial_id", "row", "row_index", "seed", "epoch"]
+PACKAGES = ["torch", "torchvision", "ray", "mlflow", "optuna", "open_clip_torch", "timm", "pyarrow", "pydantic",
+            "numpy", "rlseg"]
+
+
+def new_run_dir(results_root: Path, spec_name: str) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = results_root / spec_name / f"{stamp}-{secrets.token_hex(3)}"
+    path.mkdir(parents=True)
+    return path
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(path: Path, records: list[dict[str, Any]], leading: list[str], meta: dict[str, Any]) -> None:
+    columns = leading + sorted({k for r in records for k in r} - set(leading))
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in records]) if records else \
+        pa.table({c: pa.array([], pa.string()) for c in columns})
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """trials, epochs and the spec metadata (metric, mode, rows with paper numbers) of a run folder."""
+    trials_path = run_dir / "trials.parquet"
+    if not trials_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no trials.parquet (not a results folder, or no trial has ended yet)")
+    table = pq.read_table(trials_path)
+    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    epochs_path = run_dir / "epochs.parquet"
+    epochs = pq.read_table(epochs_path).to_pandas() if epochs_path.is_file() else pd.DataFrame(columns=EPOCH_COLUMNS)
+    return table.to_pandas(), epochs, meta
+
+
+def git_info(cwd: Path | None = None) -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+    sha = git("rev-parse", "HEAD")
+    return {"git_sha": sha, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None}
+
+
+def env_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
+        "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "packages": versions, **git_info(Path(__file__).resolve().parent), "argv": sys.argv,
+        **(extra or {}),
+    }

@@ -1,0 +1,72 @@
+"""One Tune trial = one (row, seed) cell. The driver function runs a Ray Train TorchTrainer.
+
+`resources.workers >= 1` (default): TorchTrainer(trainers.loop.train_worker) with a ScalingConfig;
+per-epoch metrics reach Tune through TuneReportCallback. `resources.workers == 0`: Ray's "local
+mode" does not work inside Tune (DESIGN.md), so the trial calls trainers.loop.fit in this process
+and reports with ray.tune.report / ray.tune.Checkpoint. The path taken is reported as `trial_path`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+TORCH_TRAINER = "torch_trainer"
+IN_PROCESS = "in_process"
+
+
+def trial_path(config: dict[str, Any]) -> str:
+    return TORCH_TRAINER if config["resources"]["workers"] >= 1 else IN_PROCESS
+
+
+def run_trial(tune_config: dict[str, Any]) -> None:
+    """Tune trainable. tune_config = {"trial": {"row", "row_index", "seed", "config"}, "storage_path": ...}."""
+    import ray.tune
+
+    trial = tune_config["trial"]
+    config = trial["config"]
+    os.environ.pop("MLFLOW_RUN_ID", None)  # an inherited run id would capture anything logged below
+    if trial_path(config) == TORCH_TRAINER:
+        _torch_trainer(config, tune_config["storage_path"], ray.tune.get_context().get_trial_id())
+    else:
+        _in_process(config)
+
+
+def _torch_trainer(config: dict[str, Any], storage_path: str, trial_id: str) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainers.loop import train_worker
+
+    res = config["resources"]
+    per_worker = {"CPU": res["cpus_per_worker"]}
+    if res["gpus_per_worker"] > 0:
+        per_worker["GPU"] = res["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res["workers"], use_gpu=res["gpus_per_worker"] > 0, resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",          # stable per trial: a restored trial finds its checkpoints
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()  # raises TrainingFailedError if a worker raised: Tune records the trial as errored
+
+
+def _in_process(config: dict[str, Any]) -> None:
+    import ray.tune
+    import torch
+
+    from trainers.loop import CHECKPOINT_FILE, fit
+
+    def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
+
+    fit(config, report)

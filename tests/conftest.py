@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)   # tests use sqlite under their own tmp results folder
+os.environ.pop("MLFLOW_RUN_ID", None)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tiny(**over):
+    """A config that trains in about a second on one CPU core."""
+    cfg = {
+        "data": {"image_size": 32, "train_size": 32, "val_size": 16},
+        "schedule": {"epochs": 2, "batch_size": 8, "lr": 0.003},
+    }
+    for k, v in over.items():
+        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+    return cfg
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Write a spec YAML into tmp_path and return its path."""
+    def write(text: str, name: str = "spec.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+    return write

@@ -1,0 +1,118 @@
+"""Real sweeps: rlseg-sweep -> Ray Tune -> TorchTrainer -> MLflow (sqlite) -> Parquet -> table."""
+import json
+import subprocess
+import textwrap
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import BIN
+
+pytestmark = pytest.mark.integration
+
+TINY = "{data: {image_size: 32, train_size: 32, val_size: 16}, schedule: {epochs: 2, batch_size: 8}}"
+
+
+def sweep(tmp_path, spec_text, *args, timeout=600):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(spec_text))
+    proc = subprocess.run([str(BIN / "rlseg-sweep"), str(spec), "--results-dir", str(tmp_path / "results"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    runs = sorted((tmp_path / "results").glob("*/*/trials.parquet"))
+    return proc, (runs[-1].parent if runs else None)
+
+
+def test_two_rows_two_seeds_through_tune_torchtrainer_and_mlflow(tmp_path):
+    proc, run_dir = sweep(tmp_path, f"""
+        name: spine
+        title: spine test
+        metric: {{name: val/mIoU, mode: max}}
+        seeds: [0, 1]
+        base: supervised
+        profiles: {{tiny: {TINY}}}
+        rows:
+          - {{name: CE, paper: 50.0}}
+          - {{name: CE + Dice, set: {{method.seg_loss.dice: 1.0}}}}
+    """, "--profile", "tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert len(trials) == 4
+    assert set(trials["status"]) == {"ok"}
+    assert sorted(zip(trials["row"], trials["seed"])) == [("CE", 0), ("CE", 1), ("CE + Dice", 0), ("CE + Dice", 1)]
+    assert set(trials["trial_path"]) == {"torch_trainer"}
+    assert len(epochs) == 8 and sorted(set(epochs["epoch"])) == [1, 2]
+    for _, t in trials.iterrows():   # the final metric is the last epoch's
+        last = epochs[(epochs["trial_id"] == t["trial_id"]) & (epochs["epoch"] == 2)]
+        assert last["val/mIoU"].item() == t["val/mIoU"]
+    cfgs = trials.set_index("row")["config_json"].map(json.loads)
+    assert {c["method"]["seg_loss"]["dice"] for c in cfgs.loc["CE + Dice"]} == {1.0}
+
+    for f in ["spec.resolved.yaml", "env.json", "table.md", "table.csv", "table.tex"]:
+        assert (run_dir / f).is_file(), f
+    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == ["bars_val_mIoU.png", "curves_val_mIoU.png"]
+
+    # MLflow: one parent run, four nested runs whose metrics are the Parquet values
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("spine")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == run_dir.name
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    by_id = trials.set_index("mlflow_run_id")
+    for c in children:
+        t = by_id.loc[c.info.run_id]
+        assert c.info.status == "FINISHED"
+        assert c.data.tags["row"] == t["row"] and int(c.data.tags["seed"]) == t["seed"]
+        assert c.data.tags["sweep_id"] == run_dir.name and "git_sha" in c.data.tags
+        assert c.data.metrics["val/mIoU"] == pytest.approx(t["val/mIoU"])
+        assert c.data.params["schedule.epochs"] == "2"
+        history = client.get_metric_history(c.info.run_id, "val/mIoU")
+        assert sorted(m.step for m in history) == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"table.md", "table.csv", "table.json", "plots"} <= artifacts
+
+    # the rendered table: mean ± std over the two seeds, the paper column, printed at the end
+    table = pd.read_csv(run_dir / "table.csv")
+    ce = trials[trials["row"] == "CE"]["val/mIoU"]
+    assert table.loc[0, "mean"] == pytest.approx(ce.mean())
+    assert table.loc[0, "std"] == pytest.approx(ce.std(ddof=1))
+    assert table.loc[0, "paper"] == 50.0
+    assert f"{ce.mean():.2f} ± {ce.std(ddof=1):.2f}" in proc.stdout
+    assert str(run_dir) in proc.stdout and "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+
+    # rlseg-table re-renders from Parquet alone
+    (run_dir / "table.md").unlink()
+    md = (run_dir / "table.md")
+    out = subprocess.run([str(BIN / "rlseg-table"), str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert md.is_file() and "CE + Dice" in md.read_text() and f"{ce.mean():.2f}" in out.stdout
+
+
+def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    proc, run_dir = sweep(tmp_path, f"""
+        name: failing
+        seeds: [0]
+        base: {TINY}
+        rows:
+          - {{name: fine, set: {{resources.workers: 0}}}}
+          - {{name: diverges, set: {{schedule.lr: 1.0e+30}}}}
+    """)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 of 2 trials failed" in proc.stderr and "TrainingDiverged" in proc.stderr
+    trials = pd.read_parquet(run_dir / "trials.parquet").set_index("row")
+    assert trials.loc["fine", "status"] == "ok" and trials.loc["fine", "trial_path"] == "in_process"
+    assert trials.loc["diverges", "status"] == "failed"
+    assert trials.loc["diverges", "error"].startswith("TrainingDiverged: training loss became nan in epoch 1")
+    table = pd.read_csv(run_dir / "table.csv").set_index("row")
+    assert table.loc["diverges", "failed"] == 1 and table.loc["diverges", "n"] == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("failing").experiment_id])}
+    failed = runs[trials.loc["diverges", "mlflow_run_id"]]
+    assert failed.info.status == "FAILED" and "TrainingDiverged" in failed.data.tags["error"]
+    parent = runs[failed.data.tags["mlflow.parentRunId"]]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_trials"] == "1"

@@ -1,0 +1,270 @@
+"""orchestrator.tables: statistics checked against hand-computed numbers and textbook formulas."""
+
+import io
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from orchestrator.tables import (
+    SUMMARY_COLUMNS,
+    plot_bars,
+    plot_curves,
+    render_csv,
+    render_latex,
+    render_markdown,
+    summarize,
+)
+
+METRIC = "val/mIoU"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_trials(cells: dict[str, list[float | None]], metric: str = METRIC) -> pd.DataFrame:
+    """cells: row name -> one entry per seed; None marks a failed trial (no metric)."""
+    records = []
+    for row_index, (row, values) in enumerate(cells.items()):
+        for seed, value in enumerate(values):
+            ok = value is not None
+            records.append({
+                "trial_id": f"{row_index}-{seed}", "row": row, "row_index": row_index, "seed": seed,
+                "status": "ok" if ok else "failed", "error": None if ok else "RuntimeError: boom",
+                metric: value if ok else np.nan,
+            })
+    return pd.DataFrame(records)
+
+
+def spec_rows(names_papers: list[tuple[str, float | None]]) -> list[dict]:
+    return [{"name": n, "paper": p} for n, p in names_papers]
+
+
+# FCN: mean 68, sample var (4+1+0+1+4)/4 = 2.5.  r_IoU: two failures, ok mean 78, var 2.5.
+CELLS = {
+    "FCN": [66.0, 67.0, 68.0, 69.0, 70.0],
+    "r_IoU only": [76.0, 77.0, 78.0, 79.0, 80.0, None, None],
+    "all failed": [None] * 5,
+    "single seed": [70.0],
+    "noisy": [67.0, 69.5, 68.2, 71.0],
+}
+ROWS = spec_rows([("FCN", 67.8), ("r_IoU only", 77.1), ("all failed", 75.0),
+                  ("single seed", None), ("noisy", None)])
+
+
+@pytest.fixture
+def summary() -> pd.DataFrame:
+    return summarize(make_trials(CELLS), METRIC, ROWS)
+
+
+def welch_by_formula(a, b):
+    n1, n2 = len(a), len(b)
+    m1, m2 = sum(a) / n1, sum(b) / n2
+    v1 = sum((x - m1) ** 2 for x in a) / (n1 - 1)
+    v2 = sum((x - m2) ** 2 for x in b) / (n2 - 1)
+    se2 = v1 / n1 + v2 / n2
+    t = (m1 - m2) / math.sqrt(se2)
+    df = se2**2 / ((v1 / n1) ** 2 / (n1 - 1) + (v2 / n2) ** 2 / (n2 - 1))
+    return 2 * stats.t.sf(abs(t), df)
+
+
+# --------------------------------------------------------------------------- summarize
+
+
+def test_summary_has_one_line_per_spec_row_in_order(summary):
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert list(summary["row"]) == ["FCN", "r_IoU only", "all failed", "single seed", "noisy"]
+
+
+def test_mean_std_delta(summary):
+    s = summary.set_index("row")
+    assert s.loc["FCN", "n"] == 5
+    assert s.loc["FCN", "mean"] == pytest.approx(68.0)
+    assert s.loc["FCN", "std"] == pytest.approx(math.sqrt(2.5))
+    assert math.isnan(s.loc["FCN", "delta"]) and math.isnan(s.loc["FCN", "p_welch"])
+    assert s.loc["r_IoU only", "delta"] == pytest.approx(10.0)
+    noisy = CELLS["noisy"]
+    m = sum(noisy) / 4
+    assert s.loc["noisy", "mean"] == pytest.approx(m)
+    assert s.loc["noisy", "std"] == pytest.approx(math.sqrt(sum((x - m) ** 2 for x in noisy) / 3))
+    assert s.loc["noisy", "delta"] == pytest.approx(m - 68.0)
+    assert s.loc["FCN", "paper"] == 67.8 and math.isnan(s.loc["noisy", "paper"])
+
+
+def test_failed_trials_are_counted_and_excluded_from_mean():
+    cells = {"ref": [1.0, 2.0, 3.0], "row": [10.0, 12.0, None]}
+    trials = make_trials(cells)
+    # A failed trial that still carries a (bogus) number must not enter the mean either.
+    trials.loc[trials["status"] == "failed", METRIC] = 0.0
+    s = summarize(trials, METRIC, spec_rows([("ref", None), ("row", None)])).set_index("row")
+    assert s.loc["row", "n"] == 2 and s.loc["row", "failed"] == 1
+    assert s.loc["row", "mean"] == pytest.approx(11.0)
+    assert s.loc["row", "std"] == pytest.approx(math.sqrt(2.0))
+
+
+def test_row_with_all_seeds_failed_is_listed(summary):
+    line = summary.iloc[2]
+    assert line["row"] == "all failed"
+    assert line["n"] == 0 and line["failed"] == 5
+    assert all(math.isnan(line[c]) for c in ["mean", "std", "delta", "p_welch"])
+    assert line["paper"] == 75.0 and not line["best"]
+
+
+def test_single_seed_has_no_std_and_no_p(summary):
+    line = summary.set_index("row").loc["single seed"]
+    assert line["n"] == 1 and line["mean"] == 70.0
+    assert math.isnan(line["std"]) and math.isnan(line["p_welch"])
+    assert line["delta"] == pytest.approx(2.0)
+
+
+def test_welch_p_matches_formula(summary):
+    s = summary.set_index("row")
+    expected = welch_by_formula(CELLS["noisy"], CELLS["FCN"])
+    assert s.loc["noisy", "p_welch"] == pytest.approx(expected, rel=1e-9)
+    ok = [v for v in CELLS["r_IoU only"] if v is not None]
+    assert s.loc["r_IoU only", "p_welch"] == pytest.approx(welch_by_formula(ok, CELLS["FCN"]), rel=1e-9)
+
+
+def test_welch_p_known_value():
+    # a = 1..5, b = 3..7: both variances 2.5, t = -2/sqrt(0.5 + 0.5) = -2, df = 1 / (2 * 0.25 / 4) = 8.
+    # Two-sided p = 1 - A(2|8), A from the closed form for even df (Abramowitz & Stegun 26.7.3):
+    # sin(th) * (1 + c/2 + 3c^2/8 + 15c^3/48), th = atan(2/sqrt(8)), c = cos^2(th) = 2/3 -> 0.0805162.
+    trials = make_trials({"a": [1.0, 2.0, 3.0, 4.0, 5.0], "b": [3.0, 4.0, 5.0, 6.0, 7.0]})
+    s = summarize(trials, METRIC, spec_rows([("a", None), ("b", None)]))
+    assert s["p_welch"].iloc[1] == pytest.approx(0.0805162, abs=1e-6)
+
+
+def test_p_is_nan_when_reference_has_fewer_than_two_seeds():
+    trials = make_trials({"ref": [5.0, None], "row": [1.0, 2.0, 3.0]})
+    s = summarize(trials, METRIC, spec_rows([("ref", None), ("row", None)]))
+    assert math.isnan(s["p_welch"].iloc[1])
+    assert s["delta"].iloc[1] == pytest.approx(-3.0)
+
+
+def test_zero_variance_on_both_sides():
+    trials = make_trials({"ref": [70.0] * 3, "same": [70.0] * 3, "other": [71.0] * 3})
+    s = summarize(trials, METRIC, spec_rows([("ref", None), ("same", None), ("other", None)]))
+    assert s["p_welch"].iloc[1] == 1.0
+    assert s["p_welch"].iloc[2] == 0.0
+
+
+def test_best_follows_mode(summary):
+    assert list(summary["best"]) == [False, True, False, False, False]
+    low = summarize(make_trials(CELLS), METRIC, ROWS, mode="min")
+    assert list(low["row"][low["best"]]) == ["FCN"]  # 68.0 is the lowest defined mean
+    with pytest.raises(ValueError, match="mode"):
+        summarize(make_trials(CELLS), METRIC, ROWS, mode="median")
+
+
+def test_missing_metric_column_gives_empty_rows():
+    trials = make_trials({"a": [None, None], "b": [None]}).drop(columns=[METRIC])
+    s = summarize(trials, METRIC, spec_rows([("a", None), ("b", 1.0)]))
+    assert list(s["n"]) == [0, 0] and list(s["failed"]) == [2, 1] and not s["best"].any()
+
+
+# --------------------------------------------------------------------------- renderers
+
+
+def test_markdown_lists_rows_in_order_with_formatted_numbers(summary):
+    md = render_markdown(summary, METRIC, title="Table 5a", reused=3)
+    positions = [md.index(f"| {name}") for name in summary["row"]]
+    assert positions == sorted(positions)
+    for text in ["68.00 ± 1.58", "78.00 ± 1.58", "+10.00", "+2.00", "<0.001", "67.8", "77.1",
+                 "Δ vs FCN", f"{METRIC} (mean ± std)", "p (Welch)", "Table 5a",
+                 "3 cells reused from earlier runs"]:
+        assert text in md, text
+    assert re.search(r"\| +70\.00 \|", md)  # one seed: the mean alone, no ± std
+    noisy_p = welch_by_formula(CELLS["noisy"], CELLS["FCN"])
+    assert f"{noisy_p:.3g}" in md  # 3 significant digits
+    all_failed = next(line for line in md.splitlines() if line.startswith("| all failed"))
+    cells = [c.strip() for c in all_failed.strip("|").split("|")]
+    assert cells == ["all failed", "0", "—", "—", "—", "75.0", "5"]
+
+
+def test_markdown_is_a_padded_pipe_table(summary):
+    lines = [l for l in render_markdown(summary, METRIC).splitlines() if l.startswith("|")]
+    assert len(lines) == 2 + len(summary)
+    assert len({len(l) for l in lines}) == 1  # every column padded to one width
+    assert all(l.count("|") == 8 for l in lines)
+    assert re.fullmatch(r"\|( :?-{3,}:? \|)+", lines[1])
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "row", "n", f"{METRIC} (mean ± std)", "Δ vs FCN", "p (Welch)", "paper", "failed"]
+
+
+def test_markdown_escapes_pipes_in_row_names():
+    trials = make_trials({"a|b": [1.0, 2.0], "c": [3.0, 4.0]})
+    md = render_markdown(summarize(trials, METRIC, spec_rows([("a|b", None), ("c", None)])), METRIC)
+    assert "a\\|b" in md
+    assert all(l.count("|") - l.count("\\|") == 8 for l in md.splitlines() if l.startswith("|"))
+
+
+def test_csv_round_trips(summary):
+    back = pd.read_csv(io.StringIO(render_csv(summary)))
+    assert list(back.columns) == SUMMARY_COLUMNS
+    assert list(back["row"]) == list(summary["row"])
+    for col in ["mean", "std", "delta", "p_welch", "paper"]:
+        np.testing.assert_array_equal(back[col].to_numpy(float), summary[col].to_numpy(float))
+    assert list(back["n"]) == list(summary["n"]) and list(back["failed"]) == list(summary["failed"])
+    assert list(back["best"]) == list(summary["best"])
+
+
+def test_latex_booktabs_bold_best_and_escaping():
+    cells = {"FCN": [66.0, 67.0, 68.0, 69.0, 70.0], "r_IoU & 5% boost": [76.0, 77.0, 78.0, 79.0, 80.0]}
+    rows = spec_rows([("FCN", 67.8), ("r_IoU & 5% boost", None)])
+    tex = render_latex(summarize(make_trials(cells), METRIC, rows), METRIC, caption="Table 5(a)")
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"\begin{tabular}" in tex and r"\caption{Table 5(a)}" in tex
+    best = next(l for l in tex.splitlines() if "boost" in l)
+    assert best.startswith(r"r\_IoU \& 5\% boost &")
+    assert r"\textbf{78.00 $\pm$ 1.58}" in best
+    ref = next(l for l in tex.splitlines() if l.startswith("FCN"))
+    assert r"\textbf" not in ref and "68.00 $\\pm$ 1.58" in ref
+    # Every & is either a column separator or escaped: the body lines all have 7 cells.
+    body = [l for l in tex.splitlines() if l.endswith(r"\\")]
+    assert all(len(re.split(r"(?<!\\)&", l)) == 7 for l in body)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def make_epochs(cells: dict[str, int], n_epochs: int = 4) -> pd.DataFrame:
+    """cells: row name -> number of seeds; val/mIoU is evaluated every epoch but the second."""
+    records = []
+    for row_index, (row, seeds) in enumerate(cells.items()):
+        for seed in range(seeds):
+            for epoch in range(1, n_epochs + 1):
+                records.append({
+                    "trial_id": f"{row_index}-{seed}", "row": row, "row_index": row_index,
+                    "seed": seed, "epoch": epoch,
+                    METRIC: np.nan if epoch == 2 else 50.0 + 5 * epoch + row_index + seed,
+                })
+    return pd.DataFrame(records)
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert len(data) > 1000 and data.startswith(PNG_SIGNATURE)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        p.name for p in path.parent.iterdir() if not p.name.startswith(".tmp"))  # no leftovers
+
+
+def test_plot_curves_writes_png_with_nan_epochs_and_empty_row(tmp_path):
+    rows = spec_rows([("FCN", None), ("r_IoU", None), ("all failed", None)])
+    path = tmp_path / "plots" / "curves.png"
+    plot_curves(make_epochs({"FCN": 3, "r_IoU": 3}), METRIC, rows, path)
+    assert_png(path)
+
+
+def test_plot_curves_single_seed(tmp_path):
+    path = tmp_path / "curves.png"
+    plot_curves(make_epochs({"FCN": 1}), METRIC, spec_rows([("FCN", None)]), path)
+    assert_png(path)
+
+
+def test_plot_bars_writes_png(tmp_path, summary):
+    path = tmp_path / "bars.png"
+    plot_bars(summary, METRIC, str(path))
+    assert_png(path)
+    plot_bars(summary, METRIC, path)  # overwrites in place
+    assert_png(path)

@@ -1,0 +1,127 @@
+"""The typed config tree (DESIGN.md, "The config tree").
+
+Every field has a default (the embedded default: synthetic data, a small random-init encoder, CPU);
+unknown keys are rejected with their key path. Method-specific keys live under `method.` and are
+validated by the config class the method registered (trainers/methods/), chosen by `method.name`.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+
+from trainers.registry import DATASETS, DECODERS, ENCODERS, METHODS, load_all
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _registered(registry, value: str) -> str:
+    load_all()
+    registry.get(value)  # raises UnknownName listing the known names
+    return value
+
+
+class DataConfig(Strict):
+    name: str = "synthetic_surgical"
+    root: str | None = None          # dataset folder on disk (real datasets); unused by the synthetic one
+    image_size: int = Field(64, ge=16)
+    train_size: int | None = Field(512, ge=1)   # None: the whole split (real datasets)
+    val_size: int | None = Field(128, ge=1)
+    seed: int = 0                    # the scenes' seed: every trial of a sweep sees the same data
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _registered(DATASETS, v)
+
+
+class ModelConfig(Strict):
+    encoder: str = "tiny_cnn"
+    pretrained: str | None = None    # None: random init; a local checkpoint path; or the library's tag when online
+    decoder: str = "fcn"
+    decoder_channels: int | None = Field(None, ge=1)   # None: the decoder's default for that encoder width
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, v: str) -> str:
+        return _registered(ENCODERS, v)
+
+    @field_validator("decoder")
+    @classmethod
+    def _known_decoder(cls, v: str) -> str:
+        return _registered(DECODERS, v)
+
+
+class SegLossConfig(Strict):
+    """L_seg = ce * CE + dice * Dice (the supervised term every method keeps)."""
+    ce: float = Field(1.0, ge=0)
+    dice: float = Field(0.0, ge=0)
+
+
+class MethodConfig(Strict):
+    """Base of every method's config; subclasses add the method's own keys."""
+    name: str
+    seg_loss: SegLossConfig = Field(default_factory=SegLossConfig)
+
+
+class ScheduleConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, le=1)      # sgd only
+    lr_schedule: Literal["constant", "poly", "cosine"] = "poly"
+    poly_power: float = Field(0.9, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
+    eval_every: int = Field(1, ge=1)
+
+
+class ResourcesConfig(Strict):
+    workers: int = Field(1, ge=0)     # Ray Train workers (DDP ranks); 0 = train inside the Tune trial process
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+
+class Config(Strict):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_config({"name": "supervised"}))
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any) -> Any:
+        if isinstance(v, MethodConfig):
+            return v
+        if isinstance(v, str):
+            v = {"name": v}
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping with a method `name` (or a method name)")
+        return _method_config(v)
+
+
+def _method_config(v: dict) -> MethodConfig:
+    load_all()
+    name = v.get("name", "supervised")
+    if not isinstance(name, str):
+        raise ValueError("method.name: expected a method name")
+    entry = METHODS.get(name)
+    return entry.config.model_validate({**v, "name": name})
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,280 @@
+"""The per-worker train loop.
+
+    fit(config, report)      plain Python, no Ray (unit tests, `python -m trainers.loop cfg.yaml k=v`)
+    train_worker(config)     the Ray Train worker function; the only code in trainers/ that touches ray.train
+
+Both run `_train` with a Runtime that says how to place the model and the data and how to report.
+Data order is a function of (seed, epoch) (DistributedSampler with set_epoch), so a run resumed from
+an epoch checkpoint sees the same batches as one never interrupted.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from trainers.config import Config
+from trainers.data import build_dataset
+from trainers.methods import build_method
+from trainers.metrics import ConfusionMatrix
+
+Report = Callable[[dict[str, float], dict[str, Any]], None]
+CHECKPOINT_FILE = "state.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation shard: every rank-th index, no padding (confusion matrices are summed over ranks)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class Runtime:
+    """Single process, no Ray."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        return loader
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class RayTrainRuntime(Runtime):
+    """A Ray Train worker: DDP via prepare_model, device placement via prepare_data_loader."""
+
+    def prepare_model(self, model):
+        import ray.train.torch
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def prepare_loader(self, loader):
+        import ray.train.torch
+        # our own DistributedSampler (seeded, set_epoch each epoch) is already in place
+        return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+
+    def all_reduce_sum(self, t):
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        import ray.train
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def fit(config: Config | dict, report: Report | None = None, *, state: dict | None = None) -> dict[str, float]:
+    """Train `config` in this process; `report(metrics, state)` is called once per epoch.
+    `state`: a checkpoint dict from an earlier report, to resume after its epoch. Returns the last metrics."""
+    cfg = config if isinstance(config, Config) else Config.model_validate(config)
+    use_cuda = cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available()
+    rt = Runtime(device=torch.device("cuda" if use_cuda else "cpu"))
+    return _train(cfg, rt, report or (lambda metrics, state: None), state)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train entry point (TorchTrainer(train_loop_per_worker=train_worker)); resumes from Ray's checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(config)
+    ctx = ray.train.get_context()
+    rt = RayTrainRuntime(device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
+                         world_size=ctx.get_world_size())
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    _train(cfg, rt, rt.report, state)
+
+
+def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict[str, float]:
+    seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    train_set = build_dataset(cfg.data, "train")
+    val_set = build_dataset(cfg.data, "val")
+    model = build_method(cfg, train_set.num_classes, train_set.ignore_index).to(rt.device)
+
+    bs = cfg.schedule.batch_size
+    sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
+    pin = rt.device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
+                              num_workers=cfg.data.num_workers, pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=bs, sampler=ShardSampler(len(val_set), rt.rank, rt.world_size),
+                            num_workers=cfg.data.num_workers, pin_memory=pin)
+    if len(train_loader) == 0:
+        raise ValueError(f"schedule.batch_size {bs} is larger than a rank's share of data.train_size")
+    optimizer = build_optimizer(cfg.schedule, model)
+    lr_schedule = build_lr_schedule(cfg.schedule, optimizer, cfg.schedule.epochs * len(train_loader))
+
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        _set_rng_state(state["rng"])
+        start_epoch = state["epoch"]
+
+    ddp_model = rt.prepare_model(model)
+    train_loader, val_loader = rt.prepare_loader(train_loader), rt.prepare_loader(val_loader)
+    class_names = list(train_set.classes)
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        sampler.set_epoch(epoch)
+        model.on_epoch_start(epoch, cfg.schedule.epochs)
+        metrics = {"epoch": epoch + 1}
+        metrics.update(train_one_epoch(ddp_model, model, train_loader, optimizer, lr_schedule, cfg, rt))
+        if not math.isfinite(metrics["train/loss"]):
+            raise TrainingDiverged(f"training loss became {metrics['train/loss']} in epoch {epoch + 1}")
+        if (epoch + 1) % cfg.schedule.eval_every == 0 or epoch + 1 == cfg.schedule.epochs:
+            metrics.update(evaluate(model, val_loader, class_names, rt))
+        report(metrics, {
+            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_schedule": lr_schedule.state_dict(), "rng": _rng_state(),
+        })
+    return metrics
+
+
+def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Config, rt: Runtime) -> dict[str, float]:
+    """One pass over this rank's shard. Sums stay on the device; one all-reduce and one sync at the end."""
+    ddp_model.train()
+    sums: dict[str, torch.Tensor] = {}
+    n_batches = n_images = 0
+    t0 = time.perf_counter()
+    for images, masks in loader:
+        images = images.to(rt.device, non_blocking=True)
+        masks = masks.to(rt.device, non_blocking=True)
+        out = ddp_model(images, masks)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if cfg.schedule.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.schedule.grad_clip)
+        optimizer.step()
+        lr_schedule.step()
+        model.after_optimizer_step()
+        for k, v in out.items():
+            sums[k] = sums[k] + v.detach() if k in sums else v.detach().float()
+        n_batches += 1
+        n_images += images.shape[0]
+    keys = sorted(sums)
+    totals = rt.all_reduce_sum(torch.stack([sums[k] for k in keys] + [
+        torch.tensor(float(n_batches), device=rt.device), torch.tensor(float(n_images), device=rt.device)]))
+    totals = totals.tolist()
+    elapsed = time.perf_counter() - t0
+    batches, images_seen = totals[-2], totals[-1]
+    out = {f"train/{k}": v / batches for k, v in zip(keys, totals)}
+    out["train/images_per_s"] = images_seen / elapsed
+    out["train/lr"] = optimizer.param_groups[0]["lr"]
+    out["time/epoch_s"] = elapsed
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, loader, class_names: list[str], rt: Runtime) -> dict[str, float]:
+    """mIoU, pixel accuracy and per-class IoU (percent) over the whole validation set (all ranks)."""
+    model.eval()
+    cm = ConfusionMatrix(len(class_names), model.ignore_index, device=rt.device)
+    for images, masks in loader:
+        logits = model.predict(images.to(rt.device, non_blocking=True))
+        cm.update(logits.argmax(1), masks.to(rt.device, non_blocking=True))
+    rt.all_reduce_sum(cm.mat)
+    iou = cm.iou().tolist()
+    out = {"val/mIoU": 100 * cm.miou(), "val/pixel_acc": 100 * cm.pixel_acc()}
+    out.update({f"val/IoU/{name}": 100 * v for name, v in zip(class_names, iou)})
+    return out
+
+
+def build_optimizer(sched, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if sched.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=sched.lr, momentum=sched.momentum, weight_decay=sched.weight_decay)
+    cls = torch.optim.AdamW if sched.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=sched.lr, weight_decay=sched.weight_decay)
+
+
+def build_lr_schedule(sched, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step factor: constant; poly (1 - t/T)^p (mmseg/SSSegmentation); cosine to 0."""
+    def factor(step: int) -> float:
+        t = min(step / max(total_steps, 1), 1.0)
+        if sched.lr_schedule == "poly":
+            return (1 - t) ** sched.poly_power
+        if sched.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m trainers.loop [CONFIG.yaml] [key=value ...]: one training run, no Ray, metrics to stdout."""
+    import yaml
+
+    from trainers.overrides import apply_overrides, parse_assignments
+
+    args = sys.argv[1:] if argv is None else argv
+    tree: dict = {}
+    if args and not ("=" in args[0]):
+        with open(args[0]) as f:
+            tree = yaml.safe_load(f) or {}
+        args = args[1:]
+    apply_overrides(tree, parse_assignments(args))
+
+    def show(metrics, state):
+        print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/IoU/" not in k), flush=True)
+
+    fit(Config.model_validate(tree), show)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""What every method shares: a segmentor, L_seg, predict, and no-op hooks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainers.losses import segmentation_loss
+from trainers.models import build_segmentor
+
+
+class SegMethod(nn.Module):
+    def __init__(self, cfg, num_classes: int, ignore_index: int, decoder_in_channels: int | None = None):
+        super().__init__()
+        self.cfg = cfg.method
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.segmentor = build_segmentor(cfg.model, num_classes, decoder_in_channels)
+
+    def seg_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        return segmentation_loss(logits, masks, self.cfg.seg_loss, self.ignore_index)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.segmentor(images)
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """epoch is 0-based."""
+
+    def after_optimizer_step(self) -> None:
+        """Called once per step after optimizer.step() (EMA updates live here)."""
