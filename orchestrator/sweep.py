@@ -141,6 +141,22 @@ class SweepRecorder:
             print(f"[{done}/{len(self.plan.trials)}] {rec['row']} | seed {rec['seed']}: {status} "
                   f"{what} ({rec['wall_s']:.1f}s, {rec['epochs']} epochs)", flush=True)
 
+    def finish(self) -> None:
+        """After Tune returns: cells that never ran or never ended (an interrupted sweep) count as failed."""
+        seen = {(r["row"], r["seed"]) for r in self.trials.values()}
+        for rec in self.trials.values():
+            if rec["status"] not in (OK, FAILED):
+                rec.update(status=FAILED, error="interrupted: the trial did not end")
+                self.tracker.end_run(rec["mlflow_run_id"], ok=False, error=rec["error"])
+        for t in self.plan.trials:
+            if (t.row, t.seed) not in seen:
+                self.trials[f"not-run-{t.row_index}-{t.seed}"] = {
+                    "trial_id": None, "row": t.row, "row_index": t.row_index, "seed": t.seed, "status": FAILED,
+                    "error": "not run: the sweep stopped before this trial started", "trial_path": trial_path(t.config),
+                    "mlflow_run_id": None, "epochs": 0, "wall_s": None,
+                    "config_json": json.dumps(t.config, sort_keys=True)}
+        self.flush()
+
     # --- outputs ---
     def flush(self) -> None:
         """Rewrite trials.parquet and epochs.parquet (atomically) with every trial that has ended."""
@@ -149,6 +165,12 @@ class SweepRecorder:
         results.write_parquet(self.run_dir / "trials.parquet", ended, results.TRIAL_COLUMNS, self.meta)
         results.write_parquet(self.run_dir / "epochs.parquet",
                               [e for e in self.epochs if e["trial_id"] in ended_ids], results.EPOCH_COLUMNS, self.meta)
+
+
+def _trial_name(trial) -> str:
+    """Tune's name for a trial (dashboard, ray/ folder): row and seed, filesystem-safe."""
+    t = trial.config["trial"]
+    return f"{re.sub(r'[^A-Za-z0-9]+', '_', t['row']).strip('_')}-seed{t['seed']}-{trial.trial_id}"
 
 
 def as_tune_callback(recorder: SweepRecorder):
@@ -234,12 +256,17 @@ def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max
         tuner = ray.tune.Tuner(
             ray.tune.with_resources(run_trial, lambda cfg: trial_resources(cfg["trial"]["config"], local_driver)),
             param_space={"trial": ray.tune.grid_search(payloads), "storage_path": storage},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False,
+                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=ray.tune.RunConfig(name="tune", storage_path=storage, verbose=max(0, verbose - 1),
                                           callbacks=[as_tune_callback(recorder)]),
         )
-        tuner.fit()
-        recorder.flush()
+        try:
+            tuner.fit()
+        except BaseException:
+            tracker.end_run(parent, ok=False, error="the sweep itself stopped with an exception")
+            raise
+        recorder.finish()
         trials_df, epochs_df, meta = results.read_run(run_dir)
         summary, md, files, plots = render_tables(run_dir, trials_df, epochs_df, meta)
         failed = [r for r in recorder.trials.values() if r["status"] != OK]

@@ -12,7 +12,7 @@ def test_tiny_cnn_segmentor_shapes():
     z = seg.encode(x)
     assert z.shape == (2, 128, 8, 8)                 # output stride 8
     assert seg(x).shape == (2, 8, 64, 64)
-    wide = build_segmentor(ModelConfig(), num_classes=8, decoder_in_channels=256)
+    wide = build_segmentor(ModelConfig(), num_classes=8, decoder_in_channels=lambda d: 2 * d)
     assert wide.decode(torch.cat([z, z], 1), (64, 64)).shape == (2, 8, 64, 64)
 
 

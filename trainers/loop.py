@@ -76,7 +76,10 @@ class RayTrainRuntime(Runtime):
 
     def prepare_model(self, model):
         import ray.train.torch
-        return ray.train.torch.prepare_model(model, move_to_device=False)
+        # methods whose loss skips some parameters in some steps (RL-only phases) say so
+        unused = getattr(model, "ddp_find_unused_parameters", False)
+        return ray.train.torch.prepare_model(model, move_to_device=False,
+                                             parallel_strategy_kwargs={"find_unused_parameters": unused})
 
     def prepare_loader(self, loader):
         import ray.train.torch

@@ -1,6 +1,8 @@
 """What every method shares: a segmentor, L_seg, predict, and no-op hooks."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -9,7 +11,7 @@ from trainers.models import build_segmentor
 
 
 class SegMethod(nn.Module):
-    def __init__(self, cfg, num_classes: int, ignore_index: int, decoder_in_channels: int | None = None):
+    def __init__(self, cfg, num_classes: int, ignore_index: int, decoder_in_channels: Callable[[int], int] | None = None):
         super().__init__()
         self.cfg = cfg.method
         self.num_classes = num_classes

@@ -1,6 +1,8 @@
 """Segmentor = encoder -> latent z -> decoder -> logits (paper 002, Eq. 1)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +28,10 @@ class Segmentor(nn.Module):
         return self.decode(self.encode(x), x.shape[-2:])
 
 
-def build_segmentor(model_cfg, num_classes: int, decoder_in_channels: int | None = None) -> Segmentor:
-    """`decoder_in_channels` lets a method widen the decoder input (e.g. concat modulation, 2d)."""
+def build_segmentor(model_cfg, num_classes: int, decoder_in_channels: Callable[[int], int] | None = None) -> Segmentor:
+    """`decoder_in_channels(d)`: the decoder's input width given the latent width d, for methods that change
+    what the decoder sees (e.g. concat modulation: 2d). Default: d."""
     encoder = ENCODERS.get(model_cfg.encoder)(model_cfg)
-    decoder = DECODERS.get(model_cfg.decoder)(
-        decoder_in_channels or encoder.out_channels, num_classes, model_cfg.decoder_channels)
+    width = decoder_in_channels(encoder.out_channels) if decoder_in_channels else encoder.out_channels
+    decoder = DECODERS.get(model_cfg.decoder)(width, num_classes, model_cfg.decoder_channels)
     return Segmentor(encoder, decoder)

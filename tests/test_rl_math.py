@@ -1,0 +1,387 @@
+"""RL maths of paper 002 (Eq. 3-19) and GRPO against hand-computed or independently computed values."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob,
+                         group_advantages, ppo_clip_loss, ppo_stats, segmentation_rewards, weighted_reward)
+
+G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+
+
+# ---------------------------------------------------------------- Gaussian log-prob and KL (Eq. 5, 12)
+
+def test_log_prob_matches_torch_normal():
+    b, d, h, w = 3, 5, 4, 6
+    mu, ls = torch.randn(b, d, generator=G(0)), torch.randn(b, d, generator=G(1)) * 0.5
+    s = torch.randn(b, d, h, w, generator=G(2)) * 2
+    expect = Normal(mu[..., None, None], ls.exp()[..., None, None]).log_prob(s).sum((1, 2, 3))
+    torch.testing.assert_close(gaussian_log_prob(s, mu, ls), expect)
+
+
+def test_log_prob_closed_form_small_case():
+    # d = 2, h = 1, w = 2; channel 0: mu 0, sigma 1; channel 1: mu 1, sigma e^0.5
+    mu = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    ls = torch.tensor([[0.0, 0.5]], dtype=torch.float64)
+    s = torch.tensor([[[[1.0, -2.0]], [[1.0, 3.0]]]], dtype=torch.float64)
+    c = -0.5 * math.log(2 * math.pi)
+    expect = (c - 0.5 * 1.0) + (c - 0.5 * 4.0) \
+        + (c - 0.5 - 0.5 * 0.0 / math.e) + (c - 0.5 - 0.5 * 4.0 / math.e)
+    assert gaussian_log_prob(s, mu, ls).item() == pytest.approx(expect, abs=1e-12)
+
+
+def test_kl_closed_form_and_torch():
+    b, d, spatial = 4, 6, 12
+    mp, mq = torch.randn(b, d, generator=G(3)), torch.randn(b, d, generator=G(4))
+    lp, lq = torch.randn(b, d, generator=G(5)) * 0.3, torch.randn(b, d, generator=G(6)) * 0.3
+    sp, sq = lp.exp(), lq.exp()
+    per_dim = torch.log(sq / sp) + (sp ** 2 + (mp - mq) ** 2) / (2 * sq ** 2) - 0.5
+    kl = gaussian_kl(mp, lp, mq, lq, spatial=spatial)
+    torch.testing.assert_close(kl, spatial * per_dim.sum(1))
+    torch.testing.assert_close(kl, spatial * kl_divergence(Normal(mp, sp), Normal(mq, sq)).sum(1))
+    torch.testing.assert_close(gaussian_kl(mp, lp, mq, lq, spatial=(3, 4)), kl)
+    assert kl.shape == (b,) and (kl > 0).all()
+
+
+def test_kl_zero_for_same_and_asymmetric():
+    mu, ls = torch.randn(2, 3, generator=G(7)), torch.randn(2, 3, generator=G(8))
+    torch.testing.assert_close(gaussian_kl(mu, ls, mu, ls, spatial=16), torch.zeros(2))
+    # 1-D: p = N(0, 1), q = N(1, 2^2): KL(p||q) = log 2 + (1 + 1) / 8 - 1/2; KL(q||p) = -log 2 + (4 + 1) / 2 - 1/2
+    z, one = torch.zeros(1, 1), torch.ones(1, 1)
+    l2 = torch.full((1, 1), math.log(2.0))
+    assert gaussian_kl(z, z, one, l2).item() == pytest.approx(math.log(2) + 0.25 - 0.5, rel=1e-6)
+    assert gaussian_kl(one, l2, z, z).item() == pytest.approx(-math.log(2) + 2.5 - 0.5, rel=1e-6)
+
+
+# ---------------------------------------------------------------- sampling (Eq. 11)
+
+def test_sample_shape_reparameterised_and_seeded():
+    mu = torch.tensor([[0.5, -1.0]], requires_grad=True)
+    ls = torch.tensor([[0.0, -0.5]], requires_grad=True)
+    s = GaussianLatentPolicy.sample(mu, ls, spatial=(3, 5), generator=G(0))
+    assert s.shape == (1, 2, 3, 5)
+    s.sum().backward()
+    assert mu.grad is not None and ls.grad is not None
+    torch.testing.assert_close(mu.grad, torch.full((1, 2), 15.0))    # ds/dmu = 1 at each of 15 positions
+    assert ls.grad.abs().sum() > 0
+    s1 = GaussianLatentPolicy.sample(mu.detach(), ls.detach(), (3, 5), generator=G(42))
+    s2 = GaussianLatentPolicy.sample(mu.detach(), ls.detach(), (3, 5), generator=G(42))
+    assert torch.equal(s1, s2)
+
+
+def test_sample_empirical_moments():
+    mu = torch.tensor([[2.0, -1.0, 0.0]])
+    ls = torch.tensor([[math.log(0.5), 0.0, math.log(3.0)]])
+    s = GaussianLatentPolicy.sample(mu, ls, spatial=(200, 200), generator=G(1))
+    torch.testing.assert_close(s.mean((0, 2, 3)), mu[0], atol=0.03, rtol=0)
+    torch.testing.assert_close(s.std((0, 2, 3)), ls[0].exp(), atol=0.03, rtol=0)
+
+
+# ---------------------------------------------------------------- policy network (Eq. 7-10)
+
+@pytest.mark.parametrize("hw,pool", [((8, 8), (4, 4)), ((5, 7), (1, 1)), ((2, 3), (2, 3)), ((9, 4), (4, 2))])
+def test_policy_shapes(hw, pool):
+    d = 6
+    pi = GaussianLatentPolicy(d, blocks=2, pool=pool)
+    assert pi.fc_mu.in_features == pool[0] * pool[1] * d and pi.fc_logsigma.out_features == d
+    assert len(pi.conv_proj) == 2
+    mu, ls = pi(torch.randn(3, d, *hw, generator=G(0)))
+    assert mu.shape == (3, d) and ls.shape == (3, d)
+    assert pi.sample(mu, ls, spatial=hw).shape == (3, d, *hw)
+
+
+def test_policy_default_blocks_is_four():
+    assert len(GaussianLatentPolicy(4).conv_proj) == 4
+
+
+@pytest.mark.parametrize("c", [4.0, 1.0])
+def test_log_sigma_bounded(c):
+    torch.manual_seed(0)
+    pi = GaussianLatentPolicy(8, blocks=2, pool=(2, 2), log_sigma_bound=c).eval()   # eval: BN does not rescale
+    _, ls = pi(torch.randn(4, 8, 6, 6, generator=G(1)) * 1e6)
+    assert ls.abs().max() <= c
+    assert ls.abs().max() > 0.99 * c          # saturated, so the bound is what holds it
+
+
+def test_log_sigma_unbounded_can_exceed_four():
+    torch.manual_seed(0)
+    pi = GaussianLatentPolicy(8, blocks=2, pool=(2, 2), log_sigma_bound=None).eval()
+    _, ls = pi(torch.randn(4, 8, 6, 6, generator=G(1)) * 1e6)
+    assert ls.abs().max() > 4
+
+
+# ---------------------------------------------------------------- PPO (Eq. 4)
+
+def test_ppo_clip_hand_values_and_gradients():
+    rho = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1, 0.9], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0, -3.0], dtype=torch.float64)
+    # min(rho A, clip(rho) A) by hand: 1.2, -1.5, 0.5, -0.8, 2.2, -2.7
+    per = torch.tensor([-1.2, 1.5, -0.5, 0.8, -2.2, 2.7], dtype=torch.float64)
+    for i in range(len(rho)):
+        logp = torch.log(rho[i:i + 1]).requires_grad_()
+        loss = ppo_clip_loss(logp, torch.zeros(1, dtype=torch.float64), adv[i:i + 1], eps=0.2)
+        assert loss.item() == pytest.approx(per[i].item(), abs=1e-12)
+    logp = torch.log(rho).requires_grad_()
+    logp_old = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    loss = ppo_clip_loss(logp, logp_old, adv, eps=0.2)
+    assert loss.item() == pytest.approx(per.mean().item(), abs=1e-12)
+    loss.backward()
+    # clipped-and-active samples (0: rho 1.5 A>0, 3: rho 0.5 A<0) get no gradient; others d/dlogp = -rho A / B
+    expect = torch.tensor([0.0, 1.5, -0.5, 0.0, -2.2, 2.7], dtype=torch.float64) / 6
+    torch.testing.assert_close(logp.grad, expect)
+    assert logp_old.grad is None      # logp_old is a constant
+
+
+def test_ppo_stats_known_case():
+    rho = torch.tensor([1.0, 1.5, 0.5, 1.1])
+    st = ppo_stats(torch.log(rho), torch.zeros(4), eps=0.2)
+    assert st["clipfrac"].item() == pytest.approx(0.5)
+    k3 = [(r - 1) - math.log(r) for r in (1.0, 1.5, 0.5, 1.1)]
+    assert st["approx_kl"].item() == pytest.approx(sum(k3) / 4, rel=1e-5)
+    assert isinstance(st["approx_kl"], torch.Tensor) and st["approx_kl"].dim() == 0
+
+
+# ---------------------------------------------------------------- baselines and advantages (Eq. 16-18, GRPO)
+
+def test_ema_baseline_hand_sequence():
+    bl = Baseline("ema", tau=0.5)
+    batches = [torch.tensor([0.0, 2.0]), torch.tensor([2.0, 4.0]), torch.tensor([1.0, 3.0])]   # means 1, 3, 2
+    expect_b = [1.0, 0.5 * 1.0 + 0.5 * 3.0, 0.5 * 2.0 + 0.5 * 2.0]                              # 1, 2, 2
+    for r, b in zip(batches, expect_b):
+        adv = bl.advantages(r)
+        assert bl.value.item() == pytest.approx(b)
+        torch.testing.assert_close(adv, r - b)
+    assert not bl.value.requires_grad and bl.value.dim() == 0
+
+
+def test_ema_baseline_first_call_and_no_grad():
+    bl = Baseline("ema", tau=0.9)
+    r = torch.tensor([0.2, 0.4, 0.9], requires_grad=True)
+    adv = bl.advantages(r)
+    torch.testing.assert_close(adv, (r - r.mean()).detach())
+    assert not adv.requires_grad and not bl.b.requires_grad
+    adv = bl.advantages(torch.tensor([1.5, 1.5, 1.5]))
+    b2 = 0.9 * 0.5 + 0.1 * 1.5
+    assert bl.value.item() == pytest.approx(b2)
+    torch.testing.assert_close(adv, torch.full((3,), 1.5 - b2))
+
+
+def test_none_batch_mean_and_clamp():
+    r = torch.tensor([0.0, 1.0, 5.0])
+    torch.testing.assert_close(Baseline("none").advantages(r), r)
+    torch.testing.assert_close(Baseline("batch_mean").advantages(r), r - 2.0)
+    torch.testing.assert_close(Baseline("batch_mean", clip=(-1.0, 1.5)).advantages(r), torch.tensor([-1.0, -1.0, 1.5]))
+    torch.testing.assert_close(Baseline("none", clip=(-1.0, 1.5)).advantages(r), torch.tensor([0.0, 1.0, 1.5]))
+    torch.testing.assert_close(Baseline("ema", clip=(-0.5, 0.5)).advantages(r), torch.tensor([-0.5, -0.5, 0.5]))
+    torch.testing.assert_close(Baseline("none", clip=(None, 1.5)).advantages(r), torch.tensor([0.0, 1.0, 1.5]))
+    torch.testing.assert_close(Baseline("none", clip=(None, None)).advantages(r), r)
+
+
+def test_baseline_state_dict_round_trip():
+    bl = Baseline("ema", tau=0.5)
+    bl.advantages(torch.tensor([1.0]))
+    bl.advantages(torch.tensor([3.0]))                      # b = 2
+    fresh = Baseline("ema", tau=0.5)
+    fresh.load_state_dict(bl.state_dict())
+    assert fresh.value.item() == 2.0 and bool(fresh.initialised)
+    fresh.advantages(torch.tensor([4.0]))                   # continues: 0.5 * 2 + 0.5 * 4, not re-initialised to 4
+    assert fresh.value.item() == 3.0
+    assert set(bl.state_dict()) == {"b", "initialised"}
+
+
+def test_unknown_kind_raises():
+    with pytest.raises(ValueError, match="ema"):
+        Baseline("ppo")
+
+
+def test_group_advantages_known_group():
+    r = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    std = math.sqrt(((1.5 ** 2) * 2 + (0.5 ** 2) * 2) / 3)           # unbiased: 1.2910
+    assert std == pytest.approx(1.2910, abs=1e-4)
+    expect = [(x - 2.5) / (std + 1e-4) for x in (1.0, 2.0, 3.0, 4.0)]
+    adv = group_advantages(r)
+    assert adv[0].tolist() == pytest.approx(expect, abs=1e-12)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]                   # constant group: zeros, no NaN
+    torch.testing.assert_close(Baseline("group").advantages(r), adv)
+    torch.testing.assert_close(Baseline("group", clip=(-1.0, 1.0)).advantages(r), adv.clamp(-1, 1))
+
+
+# ---------------------------------------------------------------- EMA old policy (Eq. 19)
+
+def _net():
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("eta", [0.99, 0.5, 1.0, 0.0])
+def test_ema_update_exact(eta):
+    torch.manual_seed(0)
+    src, tgt = _net(), _net().requires_grad_(False)
+    with torch.no_grad():
+        src[1].running_mean.normal_()
+        src[1].running_var.uniform_(0.5, 2.0)
+        src[1].num_batches_tracked.fill_(7)
+    before = copy.deepcopy(tgt.state_dict())
+    ema_update(tgt, src, eta)
+    for name, v in tgt.state_dict().items():
+        s, t0 = src.state_dict()[name], before[name]
+        if v.is_floating_point():
+            assert torch.equal(v, eta * t0 + (1 - eta) * s), name
+        else:
+            assert torch.equal(v, s), name
+        if eta == 1.0 and v.is_floating_point():
+            assert torch.equal(v, t0)
+        if eta == 0.0:
+            assert torch.equal(v, s)
+    assert all(not p.requires_grad and p.grad is None for p in tgt.parameters())
+    assert all(p.requires_grad for p in src.parameters())
+
+
+def test_ema_update_refuses_trainable_target():
+    with pytest.raises(ValueError):
+        ema_update(_net(), _net(), 0.9)
+
+
+# ---------------------------------------------------------------- rewards (Eq. 15)
+
+def onehot_logits(labels, k, scale=20.0):
+    """(B, H, W) labels -> (B, K, H, W) logits of `scale` on the label, 0 elsewhere."""
+    return F.one_hot(labels.clamp(0, k - 1), k).permute(0, 3, 1, 2).double() * scale
+
+
+def stripes(split, size=8):
+    """Label 0 in columns < split, 1 from column split on."""
+    lab = torch.zeros(1, size, size, dtype=torch.long)
+    lab[..., split:] = 1
+    return lab
+
+
+def square(r0, c0, n=3, size=8, cls=1):
+    lab = torch.zeros(1, size, size, dtype=torch.long)
+    lab[0, r0:r0 + n, c0:c0 + n] = cls
+    return lab
+
+
+def ref_boundary_f1(pred, gt, ignore=255):
+    """Independent loop reference (one image): boundary pixel = valid pixel with any in-image 8-neighbour of a
+    different label (ignore pixels take one extra label in both maps); matched = a boundary pixel of the other map
+    within Chebyshev distance 1."""
+    h, w = len(gt), len(gt[0])
+    valid = [[gt[i][j] != ignore for j in range(w)] for i in range(h)]
+    lab_p = [[pred[i][j] if valid[i][j] else -1 for j in range(w)] for i in range(h)]
+    lab_g = [[gt[i][j] if valid[i][j] else -1 for j in range(w)] for i in range(h)]
+
+    def near(i, j):
+        return [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if 0 <= a < h and 0 <= b < w]
+
+    def bmap(lab):
+        return {(i, j) for i in range(h) for j in range(w)
+                if valid[i][j] and any(lab[a][b] != lab[i][j] for a, b in near(i, j))}
+
+    pb, gb = bmap(lab_p), bmap(lab_g)
+    if not pb and not gb:
+        return 1.0
+    if not pb or not gb:
+        return 0.0
+    p = sum(any(q in gb for q in near(*x)) for x in pb) / len(pb)
+    r = sum(any(q in pb for q in near(*x)) for x in gb) / len(gb)
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def test_rewards_perfect_prediction():
+    gt = square(2, 3, n=4)
+    out = segmentation_rewards(onehot_logits(gt, 3), gt, num_classes=3)
+    assert out["iou"].item() == 1.0 and out["dice"].item() == 1.0 and out["boundary"].item() == 1.0
+    assert out["ce"].item() == pytest.approx(math.exp(-math.log(1 + 2 * math.exp(-20))), abs=1e-6)   # float32
+    assert all(v.dtype == torch.float32 for v in out.values())
+    assert all(v.shape == (1,) and not v.requires_grad for v in out.values())
+
+
+def test_rewards_disjoint_prediction():
+    gt = square(2, 3, n=4)
+    pred = 1 - gt                                           # every pixel wrong
+    out = segmentation_rewards(onehot_logits(pred, 2), gt, num_classes=2)
+    assert out["iou"].item() == 0.0 and out["dice"].item() == 0.0
+    assert out["ce"].item() == pytest.approx(math.exp(-(20 + math.log(1 + math.exp(-20)))), rel=1e-5)
+
+
+def test_rewards_stripe_shift_by_hand():
+    gt, pred = stripes(4), stripes(6)
+    out = segmentation_rewards(onehot_logits(pred, 2), gt, num_classes=2)
+    # class 0: |G| 32, |P| 48, inter 32; class 1: |G| 32, |P| 16, inter 16
+    assert out["iou"].item() == pytest.approx((32 / 48 + 16 / 32) / 2)
+    assert out["dice"].item() == pytest.approx((64 / 80 + 32 / 48) / 2)
+    # gt boundary = columns 3, 4; pred boundary = columns 5, 6; dilated by one column each:
+    # P = |col 5| / 16 = 1/2, R = |col 4| / 16 = 1/2 -> F = 1/2
+    assert out["boundary"].item() == pytest.approx(0.5)
+    assert out["ce"].item() == pytest.approx(math.exp(-(16 * 20 + 64 * math.log(1 + math.exp(-20))) / 64), rel=1e-5)
+
+
+def test_rewards_square_shifts():
+    gt = square(2, 2, n=3)
+    one = square(3, 2, n=3)                                  # shifted down by one pixel
+    two = square(2, 4, n=3)                                  # shifted right by two pixels
+    r1 = segmentation_rewards(onehot_logits(one, 2), gt, num_classes=2)
+    assert r1["boundary"].item() == 1.0 and r1["iou"].item() < 1.0
+    r2 = segmentation_rewards(onehot_logits(two, 2), gt, num_classes=2)
+    ref = ref_boundary_f1(two[0].tolist(), gt[0].tolist())
+    assert 0.0 < ref < 1.0
+    assert r2["boundary"].item() == pytest.approx(ref, abs=1e-6)
+
+
+def test_rewards_random_maps_match_loop_reference():
+    k = 3
+    gt = torch.randint(0, k, (4, 7, 9), generator=G(0))
+    gt[gt == 2] = torch.where(torch.rand(int((gt == 2).sum()), generator=G(1)) < 0.3, 255, 2)
+    gt[0] = 255                                               # an image with no valid pixel
+    logits = torch.randn(4, k, 7, 9, generator=G(2), dtype=torch.float64)
+    out = segmentation_rewards(logits, gt, num_classes=k)
+    pred = logits.argmax(1)
+    for i in range(4):
+        assert out["boundary"][i].item() == pytest.approx(ref_boundary_f1(pred[i].tolist(), gt[i].tolist()), abs=1e-6)
+    assert out["iou"][0].item() == 0.0 and out["dice"][0].item() == 0.0 and out["ce"][0].item() == 0.0
+    assert out["boundary"][0].item() == 1.0                  # both boundary maps empty
+
+
+def test_rewards_ignore_pixels_never_count():
+    gt = square(2, 2, n=4)
+    gt[0, 1, :] = 255                                         # an ignore band through the image
+    gt[0, :, 6] = 255
+    logits = torch.randn(1, 2, 8, 8, generator=G(3), dtype=torch.float64)
+    other = logits.clone()
+    ign = (gt == 255).unsqueeze(1).expand_as(other)
+    other[ign] = torch.randn(int(ign.sum()), generator=G(4), dtype=torch.float64) * 50
+    a = segmentation_rewards(logits, gt, num_classes=2)
+    b = segmentation_rewards(other, gt, num_classes=2)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # a perfect prediction on the valid pixels is perfect whatever it says on the ignore band
+    perfect = onehot_logits(gt, 2)
+    perfect[ign] = torch.randn(int(ign.sum()), generator=G(5), dtype=torch.float64) * 50
+    out = segmentation_rewards(perfect, gt, num_classes=2)
+    assert out["iou"].item() == 1.0 and out["dice"].item() == 1.0 and out["boundary"].item() == 1.0
+
+
+def test_rewards_batch_has_no_cross_talk():
+    gt = torch.cat([stripes(4), square(1, 1, n=5, cls=2)])
+    pred = torch.cat([stripes(5), square(2, 1, n=4, cls=1)])
+    logits = onehot_logits(pred, 3) + torch.randn(2, 3, 8, 8, generator=G(6), dtype=torch.float64)
+    both = segmentation_rewards(logits, gt, num_classes=3)
+    for i in range(2):
+        alone = segmentation_rewards(logits[i:i + 1], gt[i:i + 1], num_classes=3)
+        for key in both:
+            torch.testing.assert_close(both[key][i:i + 1], alone[key])
+
+
+def test_weighted_reward():
+    r = {"iou": torch.tensor([0.5, 1.0]), "dice": torch.tensor([0.2, 0.4]),
+         "ce": torch.tensor([0.9, 0.1]), "boundary": torch.tensor([1.0, 0.0])}
+    torch.testing.assert_close(weighted_reward(r, {"iou": 1, "dice": 1, "ce": 1, "boundary": 1}),
+                               torch.tensor([2.6, 1.5]))
+    torch.testing.assert_close(weighted_reward(r, {"iou": 2.0, "dice": 0.0, "ce": 0.5, "boundary": 0}),
+                               torch.tensor([1.45, 2.05]))
+    torch.testing.assert_close(weighted_reward({"iou": r["iou"]}, {"iou": 1.0, "dice": 0.0}), r["iou"])

@@ -1,0 +1,199 @@
+"""latent_rl: Latent-Space Reinforcement Learning for Image Segmentation (paper 002, Sec. 3.2).
+
+Read top to bottom beside the paper:
+    z = f_enc(x)                                       state (contextual bandit, Sec. 3.2 "MDP Formulation")
+    mu, log_sigma = pi_phi(z)                          Eq. 7-10 (log_sigma = c tanh(.), c = 4; Table 8: unbounded)
+    s = mu + sigma * eps                               Eq. 11, eps ~ N(0, 1) of shape (B, d, h, w)
+    z_mod = modulation(z, s)                           Eq. 13-14 (Table 7: add, mul, concat, mha)
+    logits = f_dec(z_mod)                              -> L_seg (Eq. 2) and the rewards
+    r = sum_k lambda_k r^k                             Eq. 15 (Table 5a)
+    A = clamp(r - b, a_min, a_max)                     Eq. 16-18 (Table 5b: none, batch mean, EMA; + Seg-R1 GRPO group)
+    L_Policy = PPO clip with rho = pi_phi / pi_old     Eq. 4, pi_old = EMA of pi_phi (Eq. 19), never trained
+    L_KL = KL(pi_old || pi_phi)                        Eq. 5 (analytic, diagonal Gaussians)
+    L = L_seg + lambda_Policy L_Policy + lambda_KL L_KL   Eq. 6 (Table 6); regimes of Table 1
+Evaluation decodes with the policy mean (no sampling) unless `eval_sample`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from trainers.config import MethodConfig, Strict
+from trainers.methods import register_method
+from trainers.methods.base import SegMethod
+from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob, ppo_clip_loss,
+                         ppo_stats, segmentation_rewards, weighted_reward)
+
+
+class PolicyConfig(Strict):
+    enabled: bool = True                       # False: no policy, Eq. 14 -> MHA(z, z, z) (Table 6, "L_seg only")
+    blocks: int = Field(4, ge=0)               # L in Eq. 7 (paper: 4)
+    pool: tuple[int, int] = (4, 4)             # (Ph, Pw), Eq. 9
+    log_sigma_bound: float | None = Field(4.0, gt=0)   # c in Eq. 10; null = unbounded (Table 8)
+    ema_eta: float = Field(0.99, ge=0, le=1)   # eta, Eq. 19
+
+
+class RewardWeights(Strict):                    # lambda_* of Eq. 15 (paper: all 1)
+    iou: float = 1.0
+    dice: float = 1.0
+    ce: float = 1.0
+    boundary: float = 1.0
+
+
+class RewardConfig(Strict):
+    weights: RewardWeights = Field(default_factory=RewardWeights)
+
+
+class BaselineConfig(Strict):
+    kind: Literal["none", "batch_mean", "ema", "group"] = "ema"
+    tau: float = Field(0.9, ge=0, le=1)        # Eq. 16
+    group_size: int = Field(4, ge=2)           # G samples per image for `group` (Seg-R1: 4)
+    a_min: float = -1.0                        # Eq. 18
+    a_max: float = 1.0
+
+
+class LossConfig(Strict):
+    lambda_policy: float = Field(1.0, ge=0)    # Eq. 6 (Table 6 right: 1.0 best)
+    lambda_kl: float = Field(1.0, ge=0)
+    ppo_eps: float = Field(0.2, gt=0)          # epsilon of Eq. 4
+
+
+class LatentRLConfig(MethodConfig):
+    name: Literal["latent_rl"] = "latent_rl"
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    modulation: Literal["add", "mul", "concat", "mha"] = "mha"
+    attention_heads: int = Field(4, ge=1)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    regime: Literal["joint", "sft_then_rl", "rl_only"] = "joint"   # Table 1
+    rl_start_epoch: int | None = Field(None, ge=0)   # sft_then_rl: first RL epoch (0-based; default: half way)
+    eval_sample: bool = False                        # evaluate with a sampled s instead of the mean
+
+
+class Modulation(nn.Module):
+    """Injects the policy signal s (B, d, h, w) into z (B, d, h, w); Table 7 and Eq. 13-14, 20-22."""
+
+    def __init__(self, kind: str, channels: int, heads: int):
+        super().__init__()
+        self.kind = kind
+        self.out_channels = 2 * channels if kind in ("concat", "mha") else channels
+        if kind == "mha":
+            if channels % heads:
+                raise ValueError(f"method.attention_heads={heads} must divide the latent width {channels}")
+            self.project = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
+                                         nn.ReLU(inplace=True))                       # Eq. 13
+            self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)  # SDPA kernel (need_weights=False)
+            self.alpha = nn.Parameter(torch.tensor(0.1))                               # learnable scale (Sec. 3.2)
+
+    def forward(self, z: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "add":
+            return z + s                                     # Eq. 20
+        if self.kind == "mul":
+            return z * (1 + torch.tanh(s))                   # Eq. 21
+        if self.kind == "concat":
+            return torch.cat([z, s], dim=1)                  # Eq. 22
+        b, d, h, w = z.shape
+        query = z if s is None else z - self.project(s)      # Eq. 14 query z - s'; Table 6: MHA(z, z, z) without s
+        tokens = z.flatten(2).transpose(1, 2)                # (B, h*w, d)
+        z_mod, _ = self.attention(query.flatten(2).transpose(1, 2), tokens, tokens, need_weights=False)
+        return torch.cat([z, self.alpha * z_mod.transpose(1, 2).reshape(b, d, h, w)], dim=1)
+
+
+@register_method("latent_rl", LatentRLConfig)
+class LatentRL(SegMethod):
+    def __init__(self, cfg, num_classes: int, ignore_index: int):
+        m = cfg.method
+        if not m.policy.enabled and m.modulation != "mha":
+            raise ValueError("method.policy.enabled=false only makes sense with method.modulation=mha (Table 6)")
+        widen = m.modulation in ("concat", "mha")   # the decoder sees [z, s] or [z, alpha z_mod]
+        super().__init__(cfg, num_classes, ignore_index, decoder_in_channels=(lambda d: 2 * d) if widen else None)
+        d = self.segmentor.encoder.out_channels      # latent width
+        self.modulation = Modulation(m.modulation, d, m.attention_heads)
+        self.policy = self.old_policy = None
+        if m.policy.enabled:
+            self.policy = GaussianLatentPolicy(d, m.policy.blocks, tuple(m.policy.pool), m.policy.log_sigma_bound)
+            self.old_policy = copy.deepcopy(self.policy).requires_grad_(False)    # phi_old, Eq. 19
+            for mod in self.old_policy.modules():   # batch statistics like phi, running stats only by the EMA rule
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    mod.momentum = 0.0
+        self.baseline = Baseline(m.baseline.kind, m.baseline.tau, (m.baseline.a_min, m.baseline.a_max))
+        self.group = m.baseline.group_size if m.baseline.kind == "group" else 1
+        self.weights = m.reward.weights.model_dump()
+        self.rl_phase = m.regime != "sft_then_rl"
+        self.seg_phase = m.regime != "rl_only"
+        # rl_only / sft_then_rl leave some parameters without gradients in some steps
+        self.ddp_find_unused_parameters = m.regime != "joint" or not m.policy.enabled
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        m = self.cfg
+        if m.regime == "sft_then_rl":   # Table 1 row 1: SFT, then RL only
+            start = m.rl_start_epoch if m.rl_start_epoch is not None else epochs // 2
+            self.rl_phase, self.seg_phase = epoch >= start, epoch < start
+
+    def decode(self, z: torch.Tensor, s: torch.Tensor | None, size) -> torch.Tensor:
+        return self.segmentor.decode(self.modulation(z, s), size)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        m, size = self.cfg, images.shape[-2:]
+        z = self.segmentor.encode(images)                                   # (B, d, h, w)
+        if self.policy is None:                                             # Table 6: L_seg only
+            out = self.seg_loss(self.decode(z, None, size), masks)
+            out["loss"] = out["loss_seg"]
+            return out
+        h, w = z.shape[-2:]
+        mu, log_sigma = self.policy(z)                                      # Eq. 10, (B, d)
+        if self.group > 1:                                                  # GRPO: G samples per image
+            z, masks = z.repeat_interleave(self.group, 0), masks.repeat_interleave(self.group, 0)
+            mu_g, log_sigma_g = mu.repeat_interleave(self.group, 0), log_sigma.repeat_interleave(self.group, 0)
+        else:
+            mu_g, log_sigma_g = mu, log_sigma
+        s = self.policy.sample(mu_g, log_sigma_g, (h, w))                   # Eq. 11, reparameterised
+        logits = self.decode(z, s, size)
+        out = self.seg_loss(logits, masks)                                  # L_seg, Eq. 2
+
+        with torch.no_grad():
+            rewards = segmentation_rewards(logits, masks, self.num_classes, self.ignore_index)
+            r = weighted_reward(rewards, self.weights)                      # Eq. 15
+            adv = self.baseline.advantages(r.view(-1, self.group) if self.group > 1 else r).reshape(-1)  # Eq. 16-18
+            mu_old, log_sigma_old = self.old_policy(z[:: self.group])
+            mu_old_g = mu_old.repeat_interleave(self.group, 0) if self.group > 1 else mu_old
+            ls_old_g = log_sigma_old.repeat_interleave(self.group, 0) if self.group > 1 else log_sigma_old
+            logp_old = gaussian_log_prob(s.detach(), mu_old_g, ls_old_g)
+        logp = gaussian_log_prob(s.detach(), mu_g, log_sigma_g)             # Eq. 12, the action is a constant
+        loss_policy = ppo_clip_loss(logp, logp_old, adv, m.loss.ppo_eps)    # Eq. 4
+        loss_kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w).mean()   # Eq. 5, KL(old || phi)
+
+        loss = logits.new_zeros(())
+        if self.seg_phase:
+            loss = loss + out["loss_seg"]
+        if self.rl_phase:
+            loss = loss + m.loss.lambda_policy * loss_policy + m.loss.lambda_kl * loss_kl   # Eq. 6
+        stats = ppo_stats(logp.detach(), logp_old, m.loss.ppo_eps)
+        out.update(
+            loss=loss, loss_policy=loss_policy.detach(), loss_kl=loss_kl.detach(), reward=r.mean(),
+            advantage=adv.mean(), baseline=self.baseline.value.detach().float(), clipfrac=stats["clipfrac"],
+            approx_kl=stats["approx_kl"], log_sigma=log_sigma.detach().mean(),
+            **{f"reward_{k}": v.mean() for k, v in rewards.items()})
+        if self.modulation.kind == "mha":
+            out["alpha"] = self.modulation.alpha.detach()
+        return out
+
+    def after_optimizer_step(self) -> None:
+        if self.old_policy is not None:
+            ema_update(self.old_policy, self.policy, self.cfg.policy.ema_eta)   # Eq. 19
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.segmentor.encode(images)
+        if self.policy is None:
+            return self.decode(z, None, images.shape[-2:])
+        mu, log_sigma = self.policy(z)
+        h, w = z.shape[-2:]
+        s = (self.policy.sample(mu, log_sigma, (h, w)) if self.cfg.eval_sample
+             else mu[:, :, None, None].expand(-1, -1, h, w))
+        return self.decode(z, s, images.shape[-2:])

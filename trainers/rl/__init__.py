@@ -1,0 +1,13 @@
+"""RL maths for latent-space RL (paper 002, Section 3.2, Eq. 3-19) and GRPO (Seg-R1): policy, rewards,
+advantages and objectives. Pure functions and small modules; the methods in trainers/methods use them."""
+from trainers.rl.advantage import Baseline, group_advantages
+from trainers.rl.objectives import ema_update, ppo_clip_loss, ppo_stats
+from trainers.rl.policy import GaussianLatentPolicy, gaussian_kl, gaussian_log_prob
+from trainers.rl.rewards import segmentation_rewards, weighted_reward
+
+__all__ = [
+    "Baseline", "group_advantages",
+    "ema_update", "ppo_clip_loss", "ppo_stats",
+    "GaussianLatentPolicy", "gaussian_kl", "gaussian_log_prob",
+    "segmentation_rewards", "weighted_reward",
+]

@@ -1,0 +1,55 @@
+"""PPO clipped objective (paper 002 Eq. 4), its diagnostics, and the EMA old policy update (Eq. 19)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+LOG_RATIO_CAP = 20.0
+
+
+def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
+    """Eq. 4: L = -mean(min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)), rho = exp(logp - logp_old).
+
+    logp, logp_old, adv: (B,). logp_old (the EMA old policy) and adv are constants; returns a scalar.
+    """
+    logp_old, adv = logp_old.detach(), adv.detach()
+    # log pi sums d*h*w terms (Eq. 12), so the log-ratio can reach the hundreds; exp would overflow to inf and
+    # 0 * inf gives NaN gradients. Capping it at +-LOG_RATIO_CAP (rho <= 4.8e8) changes nothing below that.
+    ratio = torch.exp((logp - logp_old).clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP))
+    surr1 = ratio * adv
+    surr2 = torch.clamp(ratio, 1.0 - eps, 1.0 + eps) * adv
+    return -torch.min(surr1, surr2).mean()
+
+
+@torch.no_grad()
+def ppo_stats(logp: torch.Tensor, logp_old: torch.Tensor, eps: float = 0.2) -> dict[str, torch.Tensor]:
+    """Diagnostics as in CleanRL: clipfrac = mean(|rho - 1| > eps), approx_kl = mean((rho - 1) - log rho) (k3)."""
+    logratio = (logp.detach() - logp_old.detach()).clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP)
+    ratio = logratio.exp()
+    return {
+        "clipfrac": ((ratio - 1.0).abs() > eps).float().mean(),
+        "approx_kl": ((ratio - 1.0) - logratio).mean(),
+    }
+
+
+@torch.no_grad()
+def ema_update(target_module: nn.Module, source_module: nn.Module, eta: float) -> None:
+    """Eq. 19: phi_old <- eta * phi_old + (1 - eta) * phi, in place on `target_module`.
+
+    Floating buffers (BN running stats) are averaged the same way; integer buffers (num_batches_tracked) are
+    copied. The target must be frozen (requires_grad_(False)): it is the old policy, never trained.
+    """
+    trainable = [n for n, p in target_module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(f"ema_update target must have requires_grad False; trainable: {trainable[:3]}")
+    src_params = dict(source_module.named_parameters())
+    for name, p_old in target_module.named_parameters():
+        p_old.mul_(eta).add_((1.0 - eta) * src_params[name].detach())
+    src_bufs = dict(source_module.named_buffers())
+    for name, b_old in target_module.named_buffers():
+        b_new = src_bufs[name].detach()
+        if b_old.is_floating_point():
+            b_old.mul_(eta).add_((1.0 - eta) * b_new)
+        else:
+            b_old.copy_(b_new)

@@ -1,0 +1,85 @@
+"""Latent-space Gaussian policy pi_phi of paper 002, Section 3.2 (Eq. 7-12), and its analytic KL (Eq. 5).
+
+The policy sees the encoder latent z (B, d, h, w) and emits one diagonal Gaussian per image over the d
+channels; the action s (B, d, h, w) draws i.i.d. noise at every spatial position with the channel's mu, sigma.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class GaussianLatentPolicy(nn.Module):
+    """pi_phi(s | z) = prod_{h,w,d} N(s_{d,h,w} | mu_d, sigma_d^2).
+
+    channels:        d, the latent width (kept by every conv block).
+    blocks:          L, the number of Conv3x3-BN-ReLU blocks (Eq. 7-8; paper L = 4).
+    pool:            (Ph, Pw) of the adaptive average pool before flattening (Eq. 9).
+    log_sigma_bound: c in log_sigma = c * tanh(fc(.)) (Eq. 10; paper c = 4); None = unbounded (Table 8 ablation).
+    """
+
+    def __init__(self, channels: int, blocks: int = 4, pool: tuple[int, int] = (4, 4),
+                 log_sigma_bound: float | None = 4.0):
+        super().__init__()
+        d = channels
+        ph, pw = pool
+        # Eq. 7-8: ConvProj = B^(L) o ... o B^(1), B = ReLU(BN(Conv(.))), d channels throughout.
+        self.conv_proj = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True))
+            for _ in range(blocks)
+        ])
+        self.pool = nn.AdaptiveAvgPool2d((ph, pw))
+        # Eq. 10: two linear heads on the flattened (Ph*Pw*d) descriptor of Eq. 9.
+        self.fc_mu = nn.Linear(ph * pw * d, d)
+        self.fc_logsigma = nn.Linear(ph * pw * d, d)
+        self.log_sigma_bound = log_sigma_bound
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, d, h, w) -> (mu, log_sigma), each (B, d)."""
+        zbar = self.pool(self.conv_proj(z)).flatten(1)        # Eq. 9: (B, Ph*Pw*d)
+        mu = self.fc_mu(zbar)                                  # Eq. 10
+        log_sigma = self.fc_logsigma(zbar)
+        if self.log_sigma_bound is not None:
+            log_sigma = self.log_sigma_bound * torch.tanh(log_sigma)   # Eq. 10: 4 * tanh(.)
+        return mu, log_sigma
+
+    @staticmethod
+    def sample(mu: torch.Tensor, log_sigma: torch.Tensor, spatial: tuple[int, int],
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eq. 11, reparameterised: s = mu + sigma * eps, eps ~ N(0, 1) of shape (B, d, h, w).
+
+        mu, log_sigma (B, d) broadcast over (h, w) = spatial; gradients flow to mu and log_sigma.
+        """
+        h, w = spatial
+        eps = torch.randn((*mu.shape, h, w), generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu[..., None, None] + log_sigma.exp()[..., None, None] * eps
+
+
+def gaussian_log_prob(s: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Eq. 12: log pi(s) = sum_{h,w,d} log N(s_{d,h,w} | mu_d, sigma_d^2).
+
+    s (B, d, h, w), mu (B, d), log_sigma (B, d) -> (B,).
+    """
+    ls = log_sigma[..., None, None]
+    zscore = (s - mu[..., None, None]) * torch.exp(-ls)
+    return (-0.5 * zscore.pow(2) - ls - _LOG_SQRT_2PI).flatten(1).sum(1)
+
+
+def gaussian_kl(mu_p: torch.Tensor, log_sigma_p: torch.Tensor, mu_q: torch.Tensor, log_sigma_q: torch.Tensor,
+                spatial: int | tuple[int, int] = 1) -> torch.Tensor:
+    """KL(p || q) of diagonal Gaussians over d channels, analytic; all inputs (B, d) -> (B,).
+
+    Per dimension: log(sigma_q / sigma_p) + (sigma_p^2 + (mu_p - mu_q)^2) / (2 sigma_q^2) - 1/2, summed over d.
+    The action is i.i.d. over the h*w positions, so the KL of the joint is `spatial` (= h*w, or (h, w)) times that.
+    Eq. 5 uses KL(pi_old || pi_phi): pass the old policy as p and the current one as q.
+    """
+    if isinstance(spatial, (tuple, list)):
+        spatial = math.prod(spatial)
+    var_ratio = torch.exp(2.0 * (log_sigma_p - log_sigma_q))              # sigma_p^2 / sigma_q^2
+    mean_term = (mu_p - mu_q).pow(2) * torch.exp(-2.0 * log_sigma_q)      # (mu_p - mu_q)^2 / sigma_q^2
+    kl = (log_sigma_q - log_sigma_p) + 0.5 * (var_ratio + mean_term) - 0.5
+    return spatial * kl.sum(-1)
