@@ -76,6 +76,14 @@ def _error_text(trial) -> str | None:
     return trial.get_error()
 
 
+def _record(trial_id: str | None, row: str, row_index: int, seed: int, config: dict[str, Any], *, status: str,
+            error: str | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """A trials.parquet row before any epoch arrived (metrics are added as they are reported)."""
+    return {"trial_id": trial_id, "row": row, "row_index": row_index, "seed": seed, "status": status, "error": error,
+            "trial_path": trial_path(config), "mlflow_run_id": mlflow_run_id, "epochs": 0, "wall_s": None,
+            "config_json": json.dumps(config, sort_keys=True)}
+
+
 class SweepRecorder:
     """A ray.tune.Callback: per-trial MLflow runs and Parquet rows, built from what Tune sees."""
 
@@ -102,11 +110,8 @@ class SweepRecorder:
                   "sweep_id": self.sweep_id, "git_sha": self.git_sha or "unknown", "trial_id": trial.trial_id,
                   "trial_path": trial_path(cfg)})
         self.started[trial.trial_id] = time.time()
-        self.trials[trial.trial_id] = {
-            "trial_id": trial.trial_id, "row": payload["row"], "row_index": payload["row_index"],
-            "seed": payload["seed"], "status": "running", "error": None, "trial_path": trial_path(cfg),
-            "mlflow_run_id": run_id, "epochs": 0, "wall_s": None, "config_json": json.dumps(cfg, sort_keys=True),
-        }
+        self.trials[trial.trial_id] = _record(trial.trial_id, payload["row"], payload["row_index"], payload["seed"],
+                                              cfg, status="running", mlflow_run_id=run_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         rec = self.trials[trial.trial_id]
@@ -150,11 +155,9 @@ class SweepRecorder:
                 self.tracker.end_run(rec["mlflow_run_id"], ok=False, error=rec["error"])
         for t in self.plan.trials:
             if (t.row, t.seed) not in seen:
-                self.trials[f"not-run-{t.row_index}-{t.seed}"] = {
-                    "trial_id": None, "row": t.row, "row_index": t.row_index, "seed": t.seed, "status": FAILED,
-                    "error": "not run: the sweep stopped before this trial started", "trial_path": trial_path(t.config),
-                    "mlflow_run_id": None, "epochs": 0, "wall_s": None,
-                    "config_json": json.dumps(t.config, sort_keys=True)}
+                self.trials[f"not-run-{t.row_index}-{t.seed}"] = _record(
+                    None, t.row, t.row_index, t.seed, t.config, status=FAILED,
+                    error="not run: the sweep stopped before this trial started")
         self.flush()
 
     # --- outputs ---

@@ -78,10 +78,14 @@ class LatentRLConfig(MethodConfig):
 class Modulation(nn.Module):
     """Injects the policy signal s (B, d, h, w) into z (B, d, h, w); Table 7 and Eq. 13-14, 20-22."""
 
+    @staticmethod
+    def output_width(kind: str, channels: int) -> int:
+        """The decoder sees [z, s] (concat) or [z, alpha z_mod] (mha): 2d channels; else d."""
+        return 2 * channels if kind in ("concat", "mha") else channels
+
     def __init__(self, kind: str, channels: int, heads: int):
         super().__init__()
         self.kind = kind
-        self.out_channels = 2 * channels if kind in ("concat", "mha") else channels
         if kind == "mha":
             if channels % heads:
                 raise ValueError(f"method.attention_heads={heads} must divide the latent width {channels}")
@@ -110,8 +114,8 @@ class LatentRL(SegMethod):
         m = cfg.method
         if not m.policy.enabled and m.modulation != "mha":
             raise ValueError("method.policy.enabled=false only makes sense with method.modulation=mha (Table 6)")
-        widen = m.modulation in ("concat", "mha")   # the decoder sees [z, s] or [z, alpha z_mod]
-        super().__init__(cfg, num_classes, ignore_index, decoder_in_channels=(lambda d: 2 * d) if widen else None)
+        super().__init__(cfg, num_classes, ignore_index,
+                         decoder_in_channels=lambda d: Modulation.output_width(m.modulation, d))
         d = self.segmentor.encoder.out_channels      # latent width
         self.modulation = Modulation(m.modulation, d, m.attention_heads)
         self.policy = self.old_policy = None
@@ -147,23 +151,20 @@ class LatentRL(SegMethod):
             return out
         h, w = z.shape[-2:]
         mu, log_sigma = self.policy(z)                                      # Eq. 10, (B, d)
-        if self.group > 1:                                                  # GRPO: G samples per image
-            z, masks = z.repeat_interleave(self.group, 0), masks.repeat_interleave(self.group, 0)
-            mu_g, log_sigma_g = mu.repeat_interleave(self.group, 0), log_sigma.repeat_interleave(self.group, 0)
-        else:
-            mu_g, log_sigma_g = mu, log_sigma
+        with torch.no_grad():
+            mu_old, log_sigma_old = self.old_policy(z)
+        # GRPO: G samples per image; everything per sample is repeated G times (G = 1 otherwise)
+        z_g, masks_g, mu_g, log_sigma_g, mu_old_g, log_sigma_old_g = (
+            t.repeat_interleave(self.group, 0) for t in (z, masks, mu, log_sigma, mu_old, log_sigma_old))
         s = self.policy.sample(mu_g, log_sigma_g, (h, w))                   # Eq. 11, reparameterised
-        logits = self.decode(z, s, size)
-        out = self.seg_loss(logits, masks)                                  # L_seg, Eq. 2
+        logits = self.decode(z_g, s, size)
+        out = self.seg_loss(logits, masks_g)                                # L_seg, Eq. 2
 
         with torch.no_grad():
-            rewards = segmentation_rewards(logits, masks, self.num_classes, self.ignore_index)
+            rewards = segmentation_rewards(logits, masks_g, self.num_classes, self.ignore_index)
             r = weighted_reward(rewards, self.weights)                      # Eq. 15
             adv = self.baseline.advantages(r.view(-1, self.group) if self.group > 1 else r).reshape(-1)  # Eq. 16-18
-            mu_old, log_sigma_old = self.old_policy(z[:: self.group])
-            mu_old_g = mu_old.repeat_interleave(self.group, 0) if self.group > 1 else mu_old
-            ls_old_g = log_sigma_old.repeat_interleave(self.group, 0) if self.group > 1 else log_sigma_old
-            logp_old = gaussian_log_prob(s.detach(), mu_old_g, ls_old_g)
+            logp_old = gaussian_log_prob(s.detach(), mu_old_g, log_sigma_old_g)
         logp = gaussian_log_prob(s.detach(), mu_g, log_sigma_g)             # Eq. 12, the action is a constant
         loss_policy = ppo_clip_loss(logp, logp_old, adv, m.loss.ppo_eps)    # Eq. 4
         loss_kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w).mean()   # Eq. 5, KL(old || phi)
