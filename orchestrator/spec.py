@@ -36,7 +36,12 @@ class RowSpec(_Strict):
     name: str = Field(min_length=1)
     set: dict[str, Any] = Field(default_factory=dict)   # dotted-key overrides of the base config
     paper: float | None = None                          # the paper's number for this row, if any
+    paper_std: float | None = Field(None, ge=0)         # and its std over seeds, where the paper gives one
     note: str | None = None
+    # Why this row may not run yet (e.g. its backbone is not implemented). If its `set` does not resolve, the row
+    # stays in the dry-run and the table (with the paper's number and the resolution error) and runs no trials;
+    # once it resolves (the backbone landed) it is an ordinary row.
+    pending: str | None = Field(None, min_length=1)
 
 
 class Spec(_Strict):
@@ -46,7 +51,8 @@ class Spec(_Strict):
     metric: MetricSpec = Field(default_factory=MetricSpec)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     base: str | dict[str, Any] = "supervised"
-    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # a profile is a mapping of config keys, or the name of a preset holding one (shared by several specs)
+    profiles: dict[str, dict[str, Any] | str] = Field(default_factory=dict)
     rows: list[RowSpec] = Field(min_length=1)
 
     @field_validator("seeds")
@@ -77,6 +83,19 @@ class Row:
     paper: float | None
     config: dict[str, Any]          # resolved, validated, seed not yet set
     changes: dict[str, Any]         # flattened differences from the base config
+    paper_std: float | None = None
+
+
+@dataclass
+class PendingRow:
+    """A spec row that cannot run yet (RowSpec.pending): shown, tabulated with the paper's number, not run."""
+    index: int
+    name: str
+    paper: float | None
+    paper_std: float | None
+    reason: str
+    error: str                      # why its `set` does not resolve
+    set: dict[str, Any]
 
 
 @dataclass
@@ -98,15 +117,28 @@ class Plan:
     profile: str | None
     overrides: list[str]
     base_config: dict[str, Any]
-    rows: list[Row]
+    rows: list[Row]                 # the runnable rows
     trials: list[TrialSpec] = field(default_factory=list)
+    pending: list[PendingRow] = field(default_factory=list)
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """Every spec row in spec order, as the table wants them (name, paper, paper_std, pending reason)."""
+        rows = [(r.index, {"name": r.name, "paper": r.paper, "paper_std": r.paper_std, "pending": None})
+                for r in self.rows]
+        rows += [(p.index, {"name": p.name, "paper": p.paper, "paper_std": p.paper_std, "pending": p.reason})
+                 for p in self.pending]
+        return [r for _, r in sorted(rows, key=lambda t: t[0])]
 
     def resolved(self) -> dict[str, Any]:
         """What spec.resolved.yaml holds: the spec as given plus every row's full config."""
         return {
             "spec": self.spec.model_dump(mode="json"), "spec_path": str(self.path),
             "profile": self.profile, "overrides": self.overrides,
-            "rows": [{"name": r.name, "paper": r.paper, "changes": r.changes, "config": r.config} for r in self.rows],
+            "rows": [{"name": r.name, "paper": r.paper, "paper_std": r.paper_std, "changes": r.changes,
+                      "config": r.config} for r in self.rows],
+            "pending": [{"name": p.name, "paper": p.paper, "paper_std": p.paper_std, "reason": p.reason, "error": p.error,
+                         "set": p.set}
+                        for p in self.pending],
         }
 
 
@@ -149,10 +181,10 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("trainers.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_preset(name: str, spec_path: Path) -> dict[str, Any]:
+def load_preset(name: str, spec_path: Path, key: str = "base") -> dict[str, Any]:
     f = resources.files("trainers.presets") / f"{name}.yaml"
     if not f.is_file():
-        raise SpecError(f"{spec_path}: base: no preset {name!r}; presets: {', '.join(preset_names())}")
+        raise SpecError(f"{spec_path}: {key}: no preset {name!r}; presets: {', '.join(preset_names())}")
     tree = read_yaml(Path(str(f))) or {}
     if not isinstance(tree, dict):
         raise SpecError(f"{f}: expected a mapping of config keys")
@@ -179,20 +211,35 @@ def resolve(path: str | Path, profile: str | None = None, overrides: list[str] |
         if profile not in spec.profiles:
             known = ", ".join(sorted(spec.profiles)) or "none defined"
             raise SpecError(f"{path}: profiles: no profile {profile!r} (profiles: {known})")
-        base = _apply_and_validate(base, spec.profiles[profile], f"{path}: profiles.{profile}")
+        chosen = spec.profiles[profile]
+        if isinstance(chosen, str):
+            base = _apply_and_validate(base, load_preset(chosen, path, f"profiles.{profile}"), f"{path}: profiles.{profile} (preset {chosen!r})")
+        else:
+            base = _apply_and_validate(base, chosen, f"{path}: profiles.{profile}")
     base = _apply_and_validate(base, config_pairs, "command line")
 
     base_flat = flatten(base)
-    rows = []
+    rows, pending = [], []
     for i, row in enumerate(spec.rows):
-        cfg = _apply_and_validate(base, row.set, f"{path}: rows[{i}] ({row.name}).set")
+        where = f"{path}: rows[{i}] ({row.name}).set"
+        try:
+            cfg = _apply_and_validate(base, row.set, where)
+        except SpecError as e:
+            if not row.pending:
+                raise
+            pending.append(PendingRow(index=i, name=row.name, paper=row.paper, paper_std=row.paper_std,
+                                      reason=row.pending, error=str(e).removeprefix(where + ": "), set=row.set))
+            continue
         flat = flatten(cfg)
         changes = {k: v for k, v in flat.items() if base_flat.get(k, object()) != v}
-        rows.append(Row(index=i, name=row.name, paper=row.paper, config=cfg, changes=changes))
+        rows.append(Row(index=i, name=row.name, paper=row.paper, config=cfg, changes=changes,
+                        paper_std=row.paper_std))
+    if not rows:
+        raise SpecError(f"{path}: rows: every row is pending; nothing to run")
     trials = [TrialSpec(row=r.name, row_index=r.index, seed=s, config={**r.config, "seed": s})
               for r in rows for s in spec.seeds]
     return Plan(spec=spec, path=path, profile=profile, overrides=overrides, base_config=base, rows=rows,
-                trials=trials)
+                trials=trials, pending=pending)
 
 
 def _apply_and_validate(tree: dict, assignments, where: str) -> dict[str, Any]:

@@ -97,7 +97,7 @@ class SweepRecorder:
         self.meta = {
             "spec": plan.spec.name, "title": plan.spec.title, "paper": plan.spec.paper,
             "metric": plan.spec.metric.name, "mode": plan.spec.metric.mode, "seeds": plan.spec.seeds,
-            "rows": [{"name": r.name, "paper": r.paper} for r in plan.rows], "sweep_id": sweep_id,
+            "rows": plan.table_rows(), "sweep_id": sweep_id,
         }
 
     # --- Tune callback interface (ray.tune.Callback duck type; see as_tune_callback) ---

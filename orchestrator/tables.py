@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-SUMMARY_COLUMNS = ["row", "n", "mean", "std", "delta", "p_welch", "paper", "failed", "best"]
+SUMMARY_COLUMNS = ["row", "n", "mean", "std", "delta", "p_welch", "paper", "paper_std", "failed", "pending", "best"]
 DASH = "—"
 
 
@@ -54,8 +54,9 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
 
     Columns: row, n (ok seeds with a value), mean, std (ddof=1; NaN when n < 2), delta (mean minus
     the first row's mean; NaN for the first row), p_welch (Welch t-test vs the first row; NaN for the
-    first row or when either side has n < 2), paper (NaN when absent), failed (failed trials), best
-    (True on the single row with the best mean; ``mode`` is "max" or "min").
+    first row or when either side has n < 2), paper and paper_std (NaN when absent), failed (failed
+    trials), pending (why a row could not run, "" for a row that could), best (True on the single row
+    with the best mean; ``mode`` is "max" or "min").
     """
     if mode not in ("max", "min"):
         raise ValueError(f"metric mode must be 'max' or 'min', got {mode!r}")
@@ -66,7 +67,7 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
     lines = []
     for i, (spec_row, v) in enumerate(zip(rows, values)):
         mean = v.mean() if len(v) else math.nan
-        paper = spec_row.get("paper")
+        paper, paper_std = spec_row.get("paper"), spec_row.get("paper_std")
         lines.append({
             "row": spec_row["name"],
             "n": len(v),
@@ -75,11 +76,14 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
             "delta": math.nan if i == 0 else mean - ref_mean,
             "p_welch": math.nan if i == 0 else welch_p(v, ref),
             "paper": math.nan if paper is None else float(paper),
+            "paper_std": math.nan if paper_std is None else float(paper_std),
             "failed": int(((trials["row"] == spec_row["name"]) & (trials["status"] == "failed")).sum()),
+            "pending": spec_row.get("pending") or "",
         })
     summary = pd.DataFrame(lines, columns=SUMMARY_COLUMNS[:-1])
     summary = summary.astype({"row": object, "n": int, "failed": int,
-                              "mean": float, "std": float, "delta": float, "p_welch": float, "paper": float})
+                              "mean": float, "std": float, "delta": float, "p_welch": float, "paper": float,
+                              "paper_std": float, "pending": object})
 
     best = np.zeros(len(summary), dtype=bool)
     means = summary["mean"]
@@ -115,8 +119,10 @@ def fmt_p(p: float) -> str:
     return f"{p:#.3g}"  # 3 significant digits, keeping trailing zeros: 1.00, 0.500, 0.0123
 
 
-def fmt_paper(paper: float) -> str:
-    return DASH if not np.isfinite(paper) else f"{paper:.1f}"
+def fmt_paper(paper: float, std: float = math.nan) -> str:
+    if not np.isfinite(paper):
+        return DASH
+    return f"{paper:.1f}" + (f" ± {std:.2f}" if np.isfinite(std) else "")
 
 
 def _reference_name(summary: pd.DataFrame) -> str:
@@ -130,7 +136,7 @@ def _cells(line) -> list[str]:
         fmt_mean_std(line.mean, line.std, int(line.n)),
         fmt_delta(line.delta),
         fmt_p(line.p_welch),
-        fmt_paper(line.paper),
+        fmt_paper(line.paper, line.paper_std),
         str(int(line.failed)),
     ]
 
@@ -162,6 +168,9 @@ def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None
     if title:
         out += [f"### {title}", ""]
     out += [line(header), rule] + [line(cells) for cells in body]
+    pending = [(line.row, line.pending) for line in summary.itertuples(index=False) if line.pending]
+    if pending:
+        out += [""] + [f"- {_escape_markdown(str(row))}: not run ({_escape_markdown(why)})" for row, why in pending]
     if reused is not None:
         out += ["", f"{reused} cell{'' if reused == 1 else 's'} reused from earlier runs"]
     return "\n".join(out) + "\n"

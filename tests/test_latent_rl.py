@@ -85,3 +85,51 @@ def test_policy_disabled_is_mha_of_z_only():
     x, y = batch()
     out = model(x, y)
     assert torch.isfinite(out["loss"]) and "loss_policy" not in out
+
+
+def test_detach_state_keeps_rl_gradients_out_of_the_encoder():
+    """rl_only leaves L_Policy + L_KL; through z they reach the encoder (the paper), through z.detach() they don't."""
+    for detach, reaches in ((False, True), (True, False)):
+        model = make(regime="rl_only", policy={"pool": [2, 2], "detach_state": detach})
+        with torch.no_grad():   # move phi off phi_old so L_KL and the ratio are not at their stationary point
+            model.policy.fc_mu.bias.add_(0.5)
+        x, y = batch()
+        model(x, y)["loss"].backward()
+        grads = [p.grad for p in model.segmentor.encoder.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == reaches, detach
+        assert model.policy.fc_mu.weight.grad.abs().sum() > 0
+
+
+def test_element_level_ratio_and_kl():
+    """Same model and noise: at phi = phi_old both levels give L_Policy = -mean(A), clipfrac 0; once phi moves,
+    the element-level KL is the image-level KL divided by d*h*w, and the image-level ratio clips more."""
+    outs = {}
+    for level in ("image", "element"):
+        model = make(loss={"ratio_level": level}, baseline={"kind": "batch_mean"})
+        x, y = batch()
+        torch.manual_seed(3)
+        first = model(x, y)
+        assert first["clipfrac"] == 0 and abs(first["loss_kl"]) < 1e-6
+        torch.testing.assert_close(first["loss_policy"], -first["advantage"])
+        with torch.no_grad():
+            model.policy.fc_mu.bias.add_(0.05)
+        torch.manual_seed(3)
+        outs[level] = model(x, y)
+    d = make().segmentor.encoder.out_channels
+    h = w = 32 // 8
+    torch.testing.assert_close(outs["element"]["loss_kl"] * d * h * w, outs["image"]["loss_kl"])
+    assert outs["image"]["clipfrac"] >= outs["element"]["clipfrac"]
+
+
+def test_policy_lr_scale_makes_its_own_param_group():
+    from trainers.config import ScheduleConfig
+    from trainers.loop import build_optimizer
+
+    model = make(policy={"pool": [2, 2], "lr_scale": 0.01})
+    opt = build_optimizer(ScheduleConfig(lr=0.1), model)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert sorted(by_lr) == pytest.approx([0.001, 0.1])
+    policy_ids = {id(p) for p in model.policy.parameters()}
+    assert by_lr[min(by_lr)] == policy_ids
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert by_lr[max(by_lr)] == trainable - policy_ids

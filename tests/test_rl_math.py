@@ -385,3 +385,14 @@ def test_weighted_reward():
     torch.testing.assert_close(weighted_reward(r, {"iou": 2.0, "dice": 0.0, "ce": 0.5, "boundary": 0}),
                                torch.tensor([1.45, 2.05]))
     torch.testing.assert_close(weighted_reward({"iou": r["iou"]}, {"iou": 1.0, "dice": 0.0}), r["iou"])
+
+
+def test_log_prob_elements_sum_to_eq12():
+    g = torch.Generator().manual_seed(0)
+    mu, ls = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    s = torch.randn(3, 5, 4, 2, generator=g)
+    terms = gaussian_log_prob(s, mu, ls, reduce=False)
+    assert terms.shape == (3, 5, 4, 2)
+    torch.testing.assert_close(terms.flatten(1).sum(1), gaussian_log_prob(s, mu, ls))
+    expect = torch.distributions.Normal(mu[:, :, None, None], ls.exp()[:, :, None, None]).log_prob(s)
+    torch.testing.assert_close(terms, expect)

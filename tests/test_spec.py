@@ -121,9 +121,71 @@ def test_dry_run_prints_matrix_and_writes_nothing(capsys, tmp_path, write_spec, 
 
 
 def test_shipped_specs_dry_run(capsys, repo):
-    for spec in sorted((repo / "ablations").glob("*.yaml")):
+    specs = sorted((repo / "ablations").glob("*.yaml"))
+    assert {"hybrid", "reward", "baseline", "objective", "lambda", "modulation", "logsigma", "backbones"} <= {
+        s.stem for s in specs}
+    for spec in specs:
         rc, out, err = run_cli(capsys, str(spec), "--dry-run")
         assert rc == 0, f"{spec.name}: {err}"
+        plan = resolve(spec)
+        if plan.spec.profiles:   # each profile resolves too (the paper one: FCN-R50-D8 on VOC aug, SGD)
+            for name in plan.spec.profiles:
+                assert resolve(spec, profile=name).rows
+
+
+def test_paper_profile_is_the_papers_setting(repo):
+    plan = resolve(repo / "ablations" / "reward.yaml", profile="paper", overrides=["data.root=/data/VOCdevkit"])
+    cfg = plan.rows[-1].config
+    assert cfg["data"]["name"] == "voc2012_aug" and cfg["data"]["root"] == "/data/VOCdevkit"
+    assert cfg["data"]["image_size"] == 512 and cfg["data"]["train_size"] is None
+    assert cfg["model"]["encoder"] == "resnet50_d8" and cfg["model"]["decoder"] == "fcn"
+    s = cfg["schedule"]
+    assert (s["epochs"], s["optimizer"], s["lr"], s["momentum"], s["weight_decay"]) == (60, "sgd", 0.01, 0.9, 5e-4)
+    assert s["batch_size"] * cfg["resources"]["workers"] == 16
+    assert cfg["method"]["policy"]["detach_state"] is False and cfg["method"]["policy"]["lr_scale"] == 1.0
+    assert cfg["method"]["loss"]["ratio_level"] == "image"
+    assert plan.rows[0].config["method"] == {"name": "supervised", "seg_loss": {"ce": 1.0, "dice": 0.0}}
+
+
+PENDING = GOOD + textwrap.indent(textwrap.dedent("""
+    - name: future backbone
+      set: {model.encoder: mit_b9}
+      paper: 80.5
+      paper_std: 0.5
+      pending: no mit_b9 yet
+    - name: marked pending but resolves
+      set: {model.encoder: tiny_cnn}
+      pending: stale note
+"""), "  ")
+
+
+def test_pending_row_is_shown_and_tabulated_but_not_run(capsys, write_spec):
+    path = write_spec(PENDING)
+    plan = resolve(path)
+    assert [r.name for r in plan.rows] == ["CE", "CE + Dice", "marked pending but resolves"]
+    assert {t.row for t in plan.trials} == {r.name for r in plan.rows} and len(plan.trials) == 9
+    (p,) = plan.pending
+    assert (p.index, p.reason, p.paper, p.paper_std) == (2, "no mit_b9 yet", 80.5, 0.5)
+    assert "model.encoder" in p.error and "mit_b9" in p.error
+    assert [r["name"] for r in plan.table_rows()] == ["CE", "CE + Dice", "future backbone", "marked pending but resolves"]
+    assert plan.table_rows()[2]["pending"] == "no mit_b9 yet"
+    rc, out, err = run_cli(capsys, str(path), "--dry-run")
+    assert rc == 0, err
+    assert "rows: 3 (+1 pending)   trials: 9" in out
+    line = next(l for l in out.splitlines() if "future backbone" in l)
+    assert "PENDING" in line and "no mit_b9 yet" in line and "80.5 ± 0.5" in line
+    # without `pending` the same row is an error naming the row and the key
+    rc, _, err = run_cli(capsys, str(write_spec(PENDING.replace("pending: no mit_b9 yet", "note: x"))), "--dry-run")
+    assert rc == 2 and "rows[2] (future backbone).set: model.encoder" in err
+
+
+def test_profile_may_name_a_preset(write_spec):
+    path = write_spec(GOOD.replace("quick: {schedule: {epochs: 1}, data: {train_size: 16}}", "quick: smoke"))
+    cfg = resolve(path, profile="quick").rows[0].config
+    assert cfg["schedule"]["epochs"] == 2 and cfg["data"]["train_size"] == 64
+    with pytest.raises(SpecError, match=r"profiles.quick: no preset 'nope'"):
+        resolve(write_spec(GOOD.replace("quick: {schedule: {epochs: 1}, data: {train_size: 16}}", "quick: nope")),
+                profile="quick")
 
 
 def test_overrides_merge_replace_and_method_switch():

@@ -268,3 +268,14 @@ def test_plot_bars_writes_png(tmp_path, summary):
     assert_png(path)
     plot_bars(summary, METRIC, path)  # overwrites in place
     assert_png(path)
+
+
+def test_paper_std_and_pending_rows():
+    rows = [{"name": "FCN", "paper": 67.8}, {"name": "+RL", "paper": 78.5, "paper_std": 0.43},
+            {"name": "SETR", "paper": 84.5, "pending": "no vit_large yet"}]
+    s = summarize(make_trials({"FCN": [66.0, 68.0], "+RL": [70.0, 72.0]}), METRIC, rows)
+    assert s.loc[1, "paper_std"] == 0.43 and math.isnan(s.loc[0, "paper_std"])
+    assert list(s["pending"]) == ["", "", "no vit_large yet"] and s.loc[2, "n"] == 0
+    md = render_markdown(s, METRIC)
+    assert "78.5 ± 0.43" in md and "- SETR: not run (no vit_large yet)" in md
+    assert r"78.5 $\pm$ 0.43" in render_latex(s, METRIC)

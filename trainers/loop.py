@@ -224,11 +224,12 @@ def evaluate(model, loader, class_names: list[str], rt: Runtime) -> dict[str, fl
 
 
 def build_optimizer(sched, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """One parameter group per learning-rate scale the method asks for (SegMethod.lr_scales)."""
+    groups = [{"params": params, "lr": sched.lr * scale} for params, scale in model.param_groups() if params]
     if sched.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=sched.lr, momentum=sched.momentum, weight_decay=sched.weight_decay)
+        return torch.optim.SGD(groups, lr=sched.lr, momentum=sched.momentum, weight_decay=sched.weight_decay)
     cls = torch.optim.AdamW if sched.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=sched.lr, weight_decay=sched.weight_decay)
+    return cls(groups, lr=sched.lr, weight_decay=sched.weight_decay)
 
 
 def build_lr_schedule(sched, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

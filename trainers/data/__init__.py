@@ -14,5 +14,24 @@ def synthetic_surgical(cfg, split: str):
                              image_size=cfg.image_size, seed=cfg.seed)
 
 
+def _voc2012(cfg, split: str, aug: bool):
+    from trainers.data.voc import VOCSegmentation
+
+    size = cfg.train_size if split == "train" else cfg.val_size
+    return VOCSegmentation(cfg.root, split, image_size=cfg.image_size, size=size, aug=aug)
+
+
+@DATASETS.register("voc2012_aug")
+def voc2012_aug(cfg, split: str):
+    """PASCAL VOC 2012 + SBD: train = train_aug (10,582 ids), val = VOC val (1,449)."""
+    return _voc2012(cfg, split, aug=True)
+
+
+@DATASETS.register("voc2012")
+def voc2012(cfg, split: str):
+    """PASCAL VOC 2012: train = train (1,464 ids), val = val (1,449)."""
+    return _voc2012(cfg, split, aug=False)
+
+
 def build_dataset(cfg, split: str):
     return DATASETS.get(cfg.name)(cfg, split)

@@ -25,6 +25,20 @@ class SegMethod(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.segmentor(images)
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by submodule name (e.g. {"policy": 0.1}); the rest trains at schedule.lr."""
+        return {}
+
+    def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """Trainable parameters split by lr_scales(), for the optimizer."""
+        scales = self.lr_scales()
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                scale = scales.get(name.split(".", 1)[0], 1.0)
+                groups.setdefault(scale, []).append(p)
+        return [(params, scale) for scale, params in groups.items()]
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """epoch is 0-based."""
 

@@ -35,6 +35,10 @@ class PolicyConfig(Strict):
     pool: tuple[int, int] = (4, 4)             # (Ph, Pw), Eq. 9
     log_sigma_bound: float | None = Field(4.0, gt=0)   # c in Eq. 10; null = unbounded (Table 8)
     ema_eta: float = Field(0.99, ge=0, le=1)   # eta, Eq. 19
+    # The paper's policy observes z and is trained through it (the RL terms reach the encoder). True: the policy
+    # observes z.detach(), so L_Policy and L_KL train the policy only (beyond the paper; see the preset).
+    detach_state: bool = False
+    lr_scale: float = Field(1.0, gt=0)         # the policy trains at lr_scale * schedule.lr (the paper: one lr)
 
 
 class RewardWeights(Strict):                    # lambda_* of Eq. 15 (paper: all 1)
@@ -60,6 +64,10 @@ class LossConfig(Strict):
     lambda_policy: float = Field(1.0, ge=0)    # Eq. 6 (Table 6 right: 1.0 best)
     lambda_kl: float = Field(1.0, ge=0)
     ppo_eps: float = Field(0.2, gt=0)          # epsilon of Eq. 4
+    # image: rho and KL of the whole action, log pi summed over d*h*w (Eq. 4, 5, 12: the paper).
+    # element: one ratio per (d, h, w) element and the per-element KL, both averaged (token-level PPO as in
+    # LLM RL; beyond the paper: the image-level ratio of d*h*w terms leaves [1 - eps, 1 + eps] after one step).
+    ratio_level: Literal["image", "element"] = "image"
 
 
 class LatentRLConfig(MethodConfig):
@@ -133,6 +141,9 @@ class LatentRL(SegMethod):
         # rl_only / sft_then_rl leave some parameters without gradients in some steps
         self.ddp_find_unused_parameters = m.regime != "joint" or not m.policy.enabled
 
+    def lr_scales(self) -> dict[str, float]:
+        return {"policy": self.cfg.policy.lr_scale}
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         m = self.cfg
         if m.regime == "sft_then_rl":   # Table 1 row 1: SFT, then RL only
@@ -150,9 +161,10 @@ class LatentRL(SegMethod):
             out["loss"] = out["loss_seg"]
             return out
         h, w = z.shape[-2:]
-        mu, log_sigma = self.policy(z)                                      # Eq. 10, (B, d)
+        state = z.detach() if m.policy.detach_state else z
+        mu, log_sigma = self.policy(state)                                  # Eq. 10, (B, d)
         with torch.no_grad():
-            mu_old, log_sigma_old = self.old_policy(z)
+            mu_old, log_sigma_old = self.old_policy(state)
         # GRPO: G samples per image; everything per sample is repeated G times (G = 1 otherwise)
         z_g, masks_g, mu_g, log_sigma_g, mu_old_g, log_sigma_old_g = (
             t.repeat_interleave(self.group, 0) for t in (z, masks, mu, log_sigma, mu_old, log_sigma_old))
@@ -160,14 +172,21 @@ class LatentRL(SegMethod):
         logits = self.decode(z_g, s, size)
         out = self.seg_loss(logits, masks_g)                                # L_seg, Eq. 2
 
+        element = m.loss.ratio_level == "element"
         with torch.no_grad():
             rewards = segmentation_rewards(logits, masks_g, self.num_classes, self.ignore_index)
             r = weighted_reward(rewards, self.weights)                      # Eq. 15
             adv = self.baseline.advantages(r.view(-1, self.group) if self.group > 1 else r).reshape(-1)  # Eq. 16-18
-            logp_old = gaussian_log_prob(s.detach(), mu_old_g, log_sigma_old_g)
-        logp = gaussian_log_prob(s.detach(), mu_g, log_sigma_g)             # Eq. 12, the action is a constant
-        loss_policy = ppo_clip_loss(logp, logp_old, adv, m.loss.ppo_eps)    # Eq. 4
-        loss_kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w).mean()   # Eq. 5, KL(old || phi)
+            logp_old = gaussian_log_prob(s.detach(), mu_old_g, log_sigma_old_g, reduce=not element)
+        logp = gaussian_log_prob(s.detach(), mu_g, log_sigma_g, reduce=not element)   # Eq. 12, s is a constant
+        kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w)         # Eq. 5, KL(old || phi), (B,)
+        if element:   # per-element ratios against the image's advantage; KL per element
+            logp, logp_old, adv_t = logp.flatten(1), logp_old.flatten(1), adv[:, None]
+            kl = kl / logp.shape[1]
+        else:
+            adv_t = adv
+        loss_policy = ppo_clip_loss(logp, logp_old, adv_t, m.loss.ppo_eps)  # Eq. 4
+        loss_kl = kl.mean()
 
         loss = logits.new_zeros(())
         if self.seg_phase:

@@ -11,7 +11,8 @@ LOG_RATIO_CAP = 20.0
 def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
     """Eq. 4: L = -mean(min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)), rho = exp(logp - logp_old).
 
-    logp, logp_old, adv: (B,). logp_old (the EMA old policy) and adv are constants; returns a scalar.
+    logp, logp_old, adv: (B,), or per element (B, N) with adv (B, 1) broadcast (the element-level variant).
+    logp_old (the EMA old policy) and adv are constants; returns a scalar (the mean over all terms).
     """
     logp_old, adv = logp_old.detach(), adv.detach()
     # log pi sums d*h*w terms (Eq. 12), so the log-ratio can reach the hundreds; exp would overflow to inf and

@@ -59,14 +59,16 @@ class GaussianLatentPolicy(nn.Module):
         return mu[..., None, None] + log_sigma.exp()[..., None, None] * eps
 
 
-def gaussian_log_prob(s: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_log_prob(s: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
+                      reduce: bool = True) -> torch.Tensor:
     """Eq. 12: log pi(s) = sum_{h,w,d} log N(s_{d,h,w} | mu_d, sigma_d^2).
 
-    s (B, d, h, w), mu (B, d), log_sigma (B, d) -> (B,).
+    s (B, d, h, w), mu (B, d), log_sigma (B, d) -> (B,); with reduce=False the per-element terms (B, d, h, w).
     """
     ls = log_sigma[..., None, None]
     zscore = (s - mu[..., None, None]) * torch.exp(-ls)
-    return (-0.5 * zscore.pow(2) - ls - _LOG_SQRT_2PI).flatten(1).sum(1)
+    terms = -0.5 * zscore.pow(2) - ls - _LOG_SQRT_2PI
+    return terms.flatten(1).sum(1) if reduce else terms
 
 
 def gaussian_kl(mu_p: torch.Tensor, log_sigma_p: torch.Tensor, mu_q: torch.Tensor, log_sigma_q: torch.Tensor,

@@ -1,0 +1,284 @@
+"""PASCAL VOC 2012 semantic segmentation, optionally with the SBD "aug" training set.
+
+Layout on disk (``data.root`` may be the folder holding ``VOCdevkit``, ``VOCdevkit`` itself or
+``VOCdevkit/VOC2012``)::
+
+    VOCdevkit/VOC2012/
+        JPEGImages/<id>.jpg                  RGB images (every split)
+        SegmentationClass/<id>.png           palette ("P") PNGs; the pixel values are class indices
+                                             0..20 and 255 (object outlines / "difficult": ignored)
+        SegmentationClassAug/<id>.png        the SBD "aug" masks as distributed by DeepLab / mmseg:
+                                             single-channel PNGs of class indices
+        ImageSets/Segmentation/train.txt     1,464 ids (plain VOC train)
+        ImageSets/Segmentation/val.txt       1,449 ids (the val split of both datasets)
+        ImageSets/Segmentation/train_aug.txt 10,582 ids (VOC train + SBD, minus VOC val); mmseg
+                                             calls it aug.txt, both names are accepted
+
+A list line is either an id (``2007_000032``) or DeepLab's ``/JPEGImages/<id>.jpg
+/SegmentationClassAug/<id>.png``; the id is the stem of the first token. Masks are read with PIL
+without any conversion, so a palette PNG yields its indices, not colours.
+
+Transforms follow the SSSegmentation / mmseg VOC aug pipeline at a crop size S = ``image_size``:
+
+* train: resize so the image's shorter side equals S, times a random ratio in [0.5, 2.0]
+  (bilinear for the image, nearest for the mask); random crop of at most S x S; normalise with
+  the ImageNet mean/std; pad bottom/right to S x S with 0 (the mean colour after normalisation)
+  and 255 in the mask; horizontal flip with probability 0.5. mmseg's ``cat_max_ratio`` crop
+  retries and its photometric distortion are left out. All draws use the torch global RNG, so a
+  run is reproducible from ``torch.manual_seed`` and resumable from ``torch.get_rng_state()``.
+* val: deterministic; resize so the longer side equals S (aspect ratio kept), normalise, pad
+  bottom/right to S x S (image 0, mask 255), so padded pixels never count in the metrics.
+
+``__getitem__`` returns ``(image float32 (3, S, S), mask int64 (S, S))``; files are read lazily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "CLASSES",
+    "PALETTE",
+    "IGNORE_INDEX",
+    "MEAN",
+    "STD",
+    "voc_palette",
+    "find_voc2012",
+    "rescaled_size",
+    "train_transform",
+    "apply_train_transform",
+    "val_transform",
+    "VOCSegmentation",
+]
+
+CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+IGNORE_INDEX = 255
+
+# ImageNet statistics of image / 255 (what pretrained encoders expect).
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+LAYOUT = "the PASCAL VOC 2012 layout VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}"
+AUG_LAYOUT = ("the VOC 2012 + SBD aug layout, "
+              "VOCdevkit/VOC2012/{SegmentationClassAug,ImageSets/Segmentation/train_aug.txt}")
+
+
+def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
+    """The standard VOC colour map: the bits of the label are spread over R, G, B, high bit first."""
+    colours = []
+    for label in range(n):
+        r = g = b = 0
+        c = label
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+PALETTE: tuple[tuple[int, int, int], ...] = voc_palette(len(CLASSES))
+
+
+# --------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------
+
+
+def find_voc2012(root) -> Path:
+    """The ``VOC2012`` folder under ``root`` (the folder holding VOCdevkit, VOCdevkit, or VOC2012)."""
+    if root is None:
+        raise FileNotFoundError(f"data.root: not set (expected a folder holding {LAYOUT})")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: {root} does not exist or is not a folder (expected {LAYOUT})")
+    for voc in (root / "VOCdevkit" / "VOC2012", root / "VOC2012"):
+        if voc.is_dir():
+            return voc
+    if (root / "ImageSets").is_dir() or (root / "JPEGImages").is_dir():
+        return root  # root is the VOC2012 folder itself
+    raise FileNotFoundError(f"data.root: {root} has no VOCdevkit/VOC2012 folder (expected {LAYOUT})")
+
+
+def _rel(root: Path, path: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def read_ids(path: Path) -> list[str]:
+    """Image ids of a list file: one per line, the stem of the line's first token."""
+    ids = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            ids.append(Path(line.split()[0]).stem)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# transforms (image: PIL RGB; mask: uint8 (H, W) numpy array of class indices)
+# --------------------------------------------------------------------------------------------
+
+
+def _resize(image: Image.Image, mask: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear for the image, nearest for the mask; a no-op at the same size. Returns uint8 arrays."""
+    if (w, h) != image.size:
+        image = image.resize((w, h), Image.BILINEAR)
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+    return np.asarray(image), mask
+
+
+def _to_tensors(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise the (H, W, 3) uint8 image; pad image (0) and mask (IGNORE_INDEX) bottom/right to size x size."""
+    h, w = mask.shape
+    arr = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    out_img = torch.zeros(3, size, size, dtype=torch.float32)
+    out_mask = torch.full((size, size), IGNORE_INDEX, dtype=torch.int64)
+    out_img[:, :h, :w] = (arr - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    out_mask[:h, :w] = torch.from_numpy(mask.astype(np.int64))
+    return out_img, out_mask
+
+
+def rescaled_size(w: int, h: int, size: int, ratio: float) -> tuple[int, int]:
+    """(width, height) after the train rescale: the shorter side becomes size * ratio."""
+    scale = size / min(w, h) * ratio
+    return max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
+
+
+def apply_train_transform(image: Image.Image, mask: np.ndarray, size: int, ratio: float,
+                          top: int, left: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training transform with its random draws given: rescale (shorter side -> size * ratio),
+    crop at most size x size at (top, left) of the rescaled image, normalise, pad, flip."""
+    img, mask = _resize(image, mask, *rescaled_size(*image.size, size, ratio))
+    img, mask = img[top:top + size, left:left + size], mask[top:top + size, left:left + size]
+    img_t, mask_t = _to_tensors(img, mask, size)
+    if flip:
+        img_t, mask_t = img_t.flip(-1), mask_t.flip(-1)
+    return img_t, mask_t
+
+
+def train_transform(image: Image.Image, mask: np.ndarray, size: int,
+                    ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rescale, random crop, pad, random horizontal flip; draws from the torch global RNG."""
+    lo, hi = ratio_range
+    ratio = lo + (hi - lo) * torch.rand(()).item()
+    rw, rh = rescaled_size(*image.size, size, ratio)
+    top = int(torch.randint(0, max(rh - size, 0) + 1, ()).item())
+    left = int(torch.randint(0, max(rw - size, 0) + 1, ()).item())
+    flip = bool(torch.rand(()).item() < 0.5)
+    return apply_train_transform(image, mask, size, ratio, top, left, flip)
+
+
+def val_transform(image: Image.Image, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize so the longer side equals size (aspect kept), normalise, pad to size x size."""
+    w, h = image.size
+    if w >= h:
+        nw, nh = size, max(1, int(h * size / w + 0.5))
+    else:
+        nw, nh = max(1, int(w * size / h + 0.5)), size
+    return _to_tensors(*_resize(image, mask, nw, nh), size)
+
+
+# --------------------------------------------------------------------------------------------
+# torch dataset
+# --------------------------------------------------------------------------------------------
+
+
+class VOCSegmentation(torch.utils.data.Dataset):
+    """PASCAL VOC 2012 segmentation; ``aug=True`` trains on the SBD-augmented train_aug list.
+
+    ``split="train"``: train_aug.txt (or aug.txt) with SegmentationClassAug masks if ``aug``, else
+    train.txt with SegmentationClass masks, random train transform. ``split="val"``: val.txt with
+    SegmentationClass masks, deterministic val transform. ``size``: the first ``size`` ids of the
+    list (None: all). Images and masks are read from disk in ``__getitem__``.
+    """
+
+    classes = CLASSES
+    num_classes = len(CLASSES)
+    ignore_index = IGNORE_INDEX
+    palette = PALETTE
+    splits = ("train", "val")
+
+    def __init__(self, root, split: str, image_size: int = 512, size: int | None = None, aug: bool = False):
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(map(repr, self.splits))}")
+        if size is not None and int(size) < 0:
+            raise ValueError(f"size must be >= 0 or None, got {size}")
+        self.split = split
+        self.aug = bool(aug)
+        self.image_size = int(image_size)
+        self.voc = find_voc2012(root)
+        self.root = Path(root).expanduser()
+        seg_sets = self.voc / "ImageSets" / "Segmentation"
+        if split == "train" and self.aug:
+            lists = [seg_sets / "train_aug.txt", seg_sets / "aug.txt"]
+            self.mask_dir = self.voc / "SegmentationClassAug"
+            self.expected = AUG_LAYOUT
+        else:
+            lists = [seg_sets / f"{split}.txt"]
+            self.mask_dir = self.voc / "SegmentationClass"
+            self.expected = LAYOUT
+        self.image_dir = self.voc / "JPEGImages"
+        list_file = next((p for p in lists if p.is_file()), None)
+        if list_file is None:
+            also = "".join(f" or {p.name}" for p in lists[1:])
+            raise FileNotFoundError(f"data.root: {self.root} has no {_rel(self.root, lists[0])}{also} "
+                                    f"(expected {self.expected})")
+        for d in (self.image_dir, self.mask_dir):
+            if not d.is_dir():
+                raise FileNotFoundError(
+                    f"data.root: {self.root} has no {_rel(self.root, d)}/ (expected {self.expected})")
+        self.list_file = list_file
+        ids = read_ids(list_file)
+        self.ids = ids if size is None else ids[: int(size)]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _path(self, folder: Path, name: str) -> Path:
+        p = folder / name
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"data.root: {self.root} has no {_rel(self.root, p)} "
+                f"(listed in {_rel(self.root, self.list_file)}; expected {self.expected})"
+            )
+        return p
+
+    def load(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        """The i-th image (PIL RGB) and mask (uint8 (H, W) class indices) as stored on disk."""
+        sample_id = self.ids[i]
+        image_path = self._path(self.image_dir, f"{sample_id}.jpg")
+        mask_path = self._path(self.mask_dir, f"{sample_id}.png")
+        with Image.open(image_path) as im:
+            image = im.convert("RGB")
+        with Image.open(mask_path) as m:
+            mask = np.array(m)  # mode "P" or "L": the class indices; no RGB conversion
+        if mask.ndim != 2:
+            raise ValueError(f"{mask_path}: expected a single-channel or palette PNG of class indices, "
+                             f"got an image of shape {mask.shape}")
+        if mask.shape != (image.size[1], image.size[0]):
+            raise ValueError(f"{mask_path}: mask size {mask.shape[::-1]} differs from the image size {image.size}")
+        return image, mask.astype(np.uint8)
+
+    def __getitem__(self, i):
+        image, mask = self.load(i)
+        if self.split == "train":
+            return train_transform(image, mask, self.image_size)
+        return val_transform(image, mask, self.image_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, aug={self.aug}, "
+            f"size={len(self)}, image_size={self.image_size})"
+        )
