@@ -215,7 +215,7 @@ def evaluate(model, loader, class_names: list[str], rt: Runtime) -> dict[str, fl
     cm = ConfusionMatrix(len(class_names), model.ignore_index, device=rt.device)
     for images, masks in loader:
         logits = model.predict(images.to(rt.device, non_blocking=True))
-        cm.update(logits.argmax(1), masks.to(rt.device, non_blocking=True))
+        cm.update(logits.max(1).indices, masks.to(rt.device, non_blocking=True))
     rt.all_reduce_sum(cm.mat)
     iou = cm.iou().tolist()
     out = {"val/mIoU": 100 * cm.miou(), "val/pixel_acc": 100 * cm.pixel_acc()}

@@ -32,6 +32,7 @@ from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl
 class PolicyConfig(Strict):
     enabled: bool = True                       # False: no policy, Eq. 14 -> MHA(z, z, z) (Table 6, "L_seg only")
     blocks: int = Field(4, ge=0)               # L in Eq. 7 (paper: 4)
+    kernel_size: Literal[1, 3] = 1             # of the Eq. 8 convs (not in the paper; "ConvProj": a projection)
     pool: tuple[int, int] = (4, 4)             # (Ph, Pw), Eq. 9
     log_sigma_bound: float | None = Field(4.0, gt=0)   # c in Eq. 10; null = unbounded (Table 8)
     ema_eta: float = Field(0.99, ge=0, le=1)   # eta, Eq. 19
@@ -128,7 +129,8 @@ class LatentRL(SegMethod):
         self.modulation = Modulation(m.modulation, d, m.attention_heads)
         self.policy = self.old_policy = None
         if m.policy.enabled:
-            self.policy = GaussianLatentPolicy(d, m.policy.blocks, tuple(m.policy.pool), m.policy.log_sigma_bound)
+            self.policy = GaussianLatentPolicy(d, m.policy.blocks, tuple(m.policy.pool), m.policy.log_sigma_bound,
+                                               m.policy.kernel_size)
             self.old_policy = copy.deepcopy(self.policy).requires_grad_(False)    # phi_old, Eq. 19
             for mod in self.old_policy.modules():   # batch statistics like phi, running stats only by the EMA rule
                 if isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -167,7 +169,8 @@ class LatentRL(SegMethod):
             mu_old, log_sigma_old = self.old_policy(state)
         # GRPO: G samples per image; everything per sample is repeated G times (G = 1 otherwise)
         z_g, masks_g, mu_g, log_sigma_g, mu_old_g, log_sigma_old_g = (
-            t.repeat_interleave(self.group, 0) for t in (z, masks, mu, log_sigma, mu_old, log_sigma_old))
+            (t.repeat_interleave(self.group, 0) if self.group > 1 else t)
+            for t in (z, masks, mu, log_sigma, mu_old, log_sigma_old))
         s = self.policy.sample(mu_g, log_sigma_g, (h, w))                   # Eq. 11, reparameterised
         logits = self.decode(z_g, s, size)
         out = self.seg_loss(logits, masks_g)                                # L_seg, Eq. 2

@@ -33,5 +33,6 @@ def build_segmentor(model_cfg, num_classes: int, decoder_in_channels: Callable[[
     what the decoder sees (e.g. concat modulation: 2d). Default: d."""
     encoder = ENCODERS.get(model_cfg.encoder)(model_cfg)
     width = decoder_in_channels(encoder.out_channels) if decoder_in_channels else encoder.out_channels
-    decoder = DECODERS.get(model_cfg.decoder)(width, num_classes, model_cfg.decoder_channels)
+    decoder = DECODERS.get(model_cfg.decoder)(width, num_classes, model_cfg.decoder_channels,
+                                              latent_channels=encoder.out_channels)
     return Segmentor(encoder, decoder)

@@ -45,8 +45,10 @@ def ema_update(target_module: nn.Module, source_module: nn.Module, eta: float) -
     if trainable:
         raise ValueError(f"ema_update target must have requires_grad False; trainable: {trainable[:3]}")
     src_params = dict(source_module.named_parameters())
-    for name, p_old in target_module.named_parameters():
-        p_old.mul_(eta).add_((1.0 - eta) * src_params[name].detach())
+    olds = [p for _, p in target_module.named_parameters()]
+    news = [src_params[name].detach() for name, _ in target_module.named_parameters()]
+    torch._foreach_mul_(olds, eta)                     # eta * old + (1 - eta) * new, a few fused calls per step
+    torch._foreach_add_(olds, torch._foreach_mul(news, 1.0 - eta))
     src_bufs = dict(source_module.named_buffers())
     for name, b_old in target_module.named_buffers():
         b_new = src_bufs[name].detach()

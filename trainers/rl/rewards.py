@@ -17,21 +17,32 @@ import torch
 import torch.nn.functional as F
 
 
+def _neighbours(x: torch.Tensor, pad_mode: str) -> list[torch.Tensor]:
+    """The 9 shifted views of a (B, H, W) map over its 3x3 neighbourhood (border padded by `pad_mode`).
+    Shifted views + elementwise ops: several times faster on CPU than max_pool2d, identical results."""
+    h, w = x.shape[-2:]
+    p = F.pad(x.unsqueeze(1), (1, 1, 1, 1), mode=pad_mode).squeeze(1)
+    return [p[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]
+
+
 def _boundary(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """labels (B, H, W) float, valid (B, H, W) bool -> boundary map (B, H, W) bool.
 
-    Morphological gradient: a pixel is boundary when its 3x3 neighbourhood has max != min. max_pool2d pads with
-    -inf, so the image border creates no boundary. Boundary pixels on invalid pixels are dropped.
+    Morphological gradient: a pixel is boundary when its 3x3 neighbourhood holds another label (max != min).
+    Replicate padding, so the image border creates no boundary. Boundary pixels on invalid pixels are dropped.
     """
-    x = labels.unsqueeze(1)
-    hi = F.max_pool2d(x, 3, stride=1, padding=1)
-    lo = -F.max_pool2d(-x, 3, stride=1, padding=1)
-    return (hi != lo).squeeze(1) & valid
+    out = torch.zeros_like(valid)
+    for n in _neighbours(labels, "replicate"):
+        out |= n != labels
+    return out & valid
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
-    """1-pixel tolerance: 3x3 max-pool of a (B, H, W) bool map."""
-    return F.max_pool2d(mask.unsqueeze(1).float(), 3, stride=1, padding=1).squeeze(1) > 0
+    """1-pixel tolerance: 3x3 dilation of a (B, H, W) bool map."""
+    out = torch.zeros_like(mask)
+    for n in _neighbours(mask.to(torch.uint8), "constant"):
+        out |= n.bool()
+    return out
 
 
 @torch.no_grad()
@@ -49,7 +60,7 @@ def segmentation_rewards(logits: torch.Tensor, target: torch.Tensor, num_classes
     target = target.long()
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     tgt = target.masked_fill(~valid, 0)
-    pred = logits.argmax(1)
+    pred = logits.max(1).indices                 # = argmax(1); argmax over dim 1 is ~8x slower on CPU
     n_valid = valid.flatten(1).sum(1)                                      # (B,)
     has_valid = n_valid > 0
 

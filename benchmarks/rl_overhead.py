@@ -1,0 +1,144 @@
+"""Train-step cost of latent_rl (MHA modulation) over supervised, same segmentor, same batch.
+
+    python benchmarks/rl_overhead.py [--steps 20] [--paper-steps 3] [--threads N] [--device cpu|cuda] [--skip-paper]
+
+Two settings:
+  embedded  the latent_rl preset (tiny_cnn + FCN head, 64 px, batch 16, 8 classes): target ratio <= 1.25
+  paper     FCN-R50-D8 at 512 x 512, batch 2, 21 classes (the paper's latent: d = 2048, h = w = 64), random init,
+            the paper's reading of the method (policy trained through z)
+A step is forward + backward + optimizer step + the EMA update of the old policy, on synthetic tensors (no data
+loading). Prints the median step time of each method, their ratio, and where latent_rl's extra time goes
+(forward-only: policy, modulation, the wider decoder, rewards). Numbers, not assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(tree: dict, method: str, num_classes: int, device: torch.device):
+    from trainers.config import Config
+    from trainers.loop import build_optimizer
+    from trainers.methods import build_method
+    from trainers.overrides import apply_overrides
+
+    tree = apply_overrides(yaml.safe_load(yaml.safe_dump(tree)), [("method", method)] if method == "supervised" else [])
+    cfg = Config.model_validate(tree)
+    torch.manual_seed(0)
+    model = build_method(cfg, num_classes, 255).to(device).train()
+    return model, build_optimizer(cfg.schedule, model)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_times(model, opt, batch, steps: int, warmup: int, device: torch.device) -> list[float]:
+    images, masks = batch
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = model(images, masks)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        model.after_optimizer_step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+@torch.no_grad()
+def breakdown(model, batch, device: torch.device, repeats: int) -> dict[str, float]:
+    """Forward-only time of latent_rl's extra parts (median ms): policy, modulation + decoder, rewards."""
+    from trainers.rl import segmentation_rewards
+
+    images, masks = batch
+    z = model.segmentor.encode(images)
+    h, w = z.shape[-2:]
+
+    def timed(fn) -> float:
+        ts = []
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(ts[1:])
+
+    mu, log_sigma = model.policy(z)
+    s = model.policy.sample(mu, log_sigma, (h, w))
+    z_mod = model.modulation(z, s)
+    logits = model.segmentor.decode(z_mod, images.shape[-2:])
+    return {
+        "encoder": timed(lambda: model.segmentor.encode(images)),
+        "policy (pi and pi_old)": timed(lambda: (model.policy(z), model.old_policy(z))),
+        "modulation": timed(lambda: model.modulation(z, s)),
+        "decoder on [z, alpha z_mod]": timed(lambda: model.segmentor.decode(z_mod, images.shape[-2:])),
+        "rewards (4 terms)": timed(lambda: segmentation_rewards(logits, masks, model.num_classes, 255)),
+    }
+
+
+def measure(name: str, tree: dict, num_classes: int, batch_size: int, size: int, steps: int, warmup: int,
+            device: torch.device) -> None:
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(batch_size, 3, size, size, generator=g).to(device),
+             torch.randint(0, num_classes, (batch_size, size, size), generator=g).to(device))
+    med = {}
+    for method in ("supervised", "latent_rl"):
+        model, opt = build(tree, method, num_classes, device)
+        times = step_times(model, opt, batch, steps, warmup, device)
+        med[method] = statistics.median(times)
+        print(f"  {method:<11} median step {1000 * med[method]:9.1f} ms  (min {1000 * min(times):.1f}, "
+              f"{steps} steps after {warmup} warm-up)  {batch_size / med[method]:7.1f} img/s", flush=True)
+        if method == "latent_rl":
+            parts = breakdown(model, batch, device, repeats=max(1, min(steps, 5)))
+        del model, opt
+    ratio = med["latent_rl"] / med["supervised"]
+    print(f"  {name}: latent_rl / supervised = {ratio:.3f}")
+    print("  forward-only parts of latent_rl (median ms): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--paper-steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-paper", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
+
+    preset = yaml.safe_load((REPO / "trainers" / "presets" / "latent_rl.yaml").read_text())
+    d = preset["data"]
+    print(f"embedded: {preset['model']['encoder']}+{preset['model']['decoder']}, {d['image_size']} px, "
+          f"batch {preset['schedule']['batch_size']}, modulation {preset['method']['modulation']}")
+    measure("embedded", preset, 8, preset["schedule"]["batch_size"], d["image_size"], args.steps, 3, device)
+
+    if not args.skip_paper:
+        paper = yaml.safe_load(yaml.safe_dump(preset))
+        profile = yaml.safe_load((REPO / "trainers" / "presets" / "paper_voc_fcn_r50.yaml").read_text())
+        paper["model"] = {**profile["model"], "pretrained": None}          # random init: no download
+        paper["schedule"] = profile["schedule"]
+        paper["method"]["policy"].update(profile["method"]["policy"])
+        print("paper: resnet50_d8+fcn, 512 px, batch 2, 21 classes, SGD (latent 2048 x 64 x 64)")
+        measure("paper", paper, 21, 2, 512, args.paper_steps, 1, device)
+
+
+if __name__ == "__main__":
+    main()
