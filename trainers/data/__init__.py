@@ -33,5 +33,15 @@ def voc2012(cfg, split: str):
     return _voc2012(cfg, split, aug=False)
 
 
+@DATASETS.register("endovis2018")
+def endovis2018(cfg, split: str):
+    """EndoVis 2018 robotic scene segmentation (12 classes): root/{train,val}/seq_<n>, or seq_<n>
+    folders directly under root with val = seq_2, 5, 9, 15."""
+    from trainers.data.endovis import EndoVis2018
+
+    size = cfg.train_size if split == "train" else cfg.val_size
+    return EndoVis2018(cfg.root, split, image_size=cfg.image_size, size=size)
+
+
 def build_dataset(cfg, split: str):
     return DATASETS.get(cfg.name)(cfg, split)

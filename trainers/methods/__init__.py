@@ -32,4 +32,4 @@ def build_method(cfg, num_classes: int, ignore_index: int):
     return METHODS.get(cfg.method.name).build(cfg, num_classes, ignore_index)
 
 
-from trainers.methods import latent_rl, supervised  # noqa: E402,F401  (registers)
+from trainers.methods import clip_rl, latent_rl, supervised  # noqa: E402,F401  (registers)
