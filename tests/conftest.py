@@ -37,3 +37,20 @@ def write_spec(tmp_path):
         p.write_text(text)
         return p
     return write
+
+
+def method_step(model, opt, images, masks) -> dict:
+    """One training step of a method as trainers.loop takes it: forward, backward, optimizer, EMA hooks."""
+    out = model(images, masks)
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    model.after_optimizer_step()
+    return out
+
+
+def data_root_error(exc) -> str:
+    """The message of a dataset error: one line that starts with the key it is about."""
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("data.root: ")
+    return msg

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from conftest import method_step
 from trainers.config import Config
 from trainers.methods import build_method
 
@@ -29,11 +30,7 @@ def train_steps(model, n=3, epoch=1, epochs=4):
     model.on_epoch_start(epoch, epochs)
     x, y = batch()
     for _ in range(n):
-        out = model(x, y)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        model.after_optimizer_step()
+        out = method_step(model, opt, x, y)
     return out
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import data_root_error
 from trainers.data import endovis
 from trainers.data.endovis import (
     CLASSES,
@@ -191,7 +192,7 @@ def test_sequence_split_without_val_sequences(tmp_path):
     assert len(EndoVis2018(root, "train", S)) == 1
     with pytest.raises(FileNotFoundError) as e:
         EndoVis2018(root, "val", S)
-    msg = _one_line(e)
+    msg = data_root_error(e)
     assert str(root) in msg and "seq_2, seq_5, seq_9, seq_15" in msg
 
 
@@ -331,16 +332,10 @@ def test_labels_json_mismatch_names_the_file(tree):
 # ------------------------------------------------------------------ errors
 
 
-def _one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg and msg.startswith("data.root: ")
-    return msg
-
-
 def test_root_not_set():
     with pytest.raises(FileNotFoundError) as e:
         EndoVis2018(None, "train", S)
-    msg = _one_line(e)
+    msg = data_root_error(e)
     assert "not set" in msg and "seq_<n>/{left_frames,labels}" in msg
 
 
@@ -348,11 +343,11 @@ def test_root_missing_or_empty(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as e:
         EndoVis2018(missing, "val", S)
-    assert str(missing) in _one_line(e)
+    assert str(missing) in data_root_error(e)
     (tmp_path / "other").mkdir()
     with pytest.raises(FileNotFoundError) as e:
         EndoVis2018(tmp_path, "val", S)
-    msg = _one_line(e)
+    msg = data_root_error(e)
     assert str(tmp_path) in msg and "{train,val}/seq_<n>" in msg
 
 
@@ -362,11 +357,11 @@ def test_missing_split_labels_and_frames(tree):
     EndoVis2018(root, "train", S)
     with pytest.raises(FileNotFoundError) as e:
         EndoVis2018(root, "val", S)
-    assert "has no val/" in _one_line(e)
+    assert "has no val/" in data_root_error(e)
     shutil.rmtree(root / "train" / "seq_2" / "labels")
     with pytest.raises(FileNotFoundError) as e:
         EndoVis2018(root, "train", S)
-    assert "train/seq_2/labels/" in _one_line(e)
+    assert "train/seq_2/labels/" in data_root_error(e)
 
 
 def test_missing_frame_is_reported_lazily(tree):
@@ -376,14 +371,14 @@ def test_missing_frame_is_reported_lazily(tree):
     ds[0]
     with pytest.raises(FileNotFoundError) as e:
         ds[1]
-    assert "val/seq_3/left_frames/frame000.png" in _one_line(e)
+    assert "val/seq_3/left_frames/frame000.png" in data_root_error(e)
 
 
 def test_no_labelled_frames(tmp_path):
     (tmp_path / "r" / "train" / "seq_1" / "labels").mkdir(parents=True)
     with pytest.raises(FileNotFoundError) as e:
         EndoVis2018(tmp_path / "r", "train", S)
-    assert "no labelled frames" in _one_line(e)
+    assert "no labelled frames" in data_root_error(e)
 
 
 # ------------------------------------------------------------------ registry / config
@@ -410,4 +405,4 @@ def test_registry_config_and_build_dataset(tree):
         build_dataset(Config(data={"name": "endovis2018"}).data, "train")
     with pytest.raises(FileNotFoundError) as e:
         build_dataset(Config(data={"name": "endovis2018", "root": str(root / "missing")}).data, "val")
-    assert str(root / "missing") in _one_line(e) and endovis.LAYOUT in str(e.value)
+    assert str(root / "missing") in data_root_error(e) and endovis.LAYOUT in str(e.value)

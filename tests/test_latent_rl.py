@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from conftest import method_step
 from trainers.config import Config
 from trainers.methods import build_method
 
@@ -23,13 +24,7 @@ def batch(n=4):
 
 
 def step(model, opt):
-    x, y = batch()
-    out = model(x, y)
-    opt.zero_grad()
-    out["loss"].backward()
-    opt.step()
-    model.after_optimizer_step()
-    return out
+    return method_step(model, opt, *batch())
 
 
 @pytest.mark.parametrize("modulation", ["add", "mul", "concat", "mha"])

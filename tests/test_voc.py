@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import data_root_error
 from trainers.data import voc
 from trainers.data.voc import (
     CLASSES,
@@ -317,26 +318,20 @@ def test_train_batches_with_default_collate(root):
 # ------------------------------------------------------------------ errors
 
 
-def _one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg and msg.startswith("data.root: ")
-    return msg
-
-
 def test_root_not_set():
     with pytest.raises(FileNotFoundError) as e:
         VOCSegmentation(None, "train", S, aug=True)
-    assert "not set" in _one_line(e)
+    assert "not set" in data_root_error(e)
 
 
 def test_root_missing(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as e:
         VOCSegmentation(missing, "val", S)
-    assert str(missing) in _one_line(e)
+    assert str(missing) in data_root_error(e)
     with pytest.raises(FileNotFoundError) as e:
         VOCSegmentation(tmp_path, "val", S)  # exists, but holds no VOC tree
-    msg = _one_line(e)
+    msg = data_root_error(e)
     assert str(tmp_path) in msg and "VOCdevkit/VOC2012" in msg
 
 
@@ -345,14 +340,14 @@ def test_missing_list_and_folders(root):
     (sets / "train_aug.txt").unlink()
     with pytest.raises(FileNotFoundError) as e:
         VOCSegmentation(root, "train", S, aug=True)
-    msg = _one_line(e)
+    msg = data_root_error(e)
     assert str(root) in msg and "VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt" in msg
     assert "aug" in msg.split("expected", 1)[1]
     VOCSegmentation(root, "train", S, aug=False)  # the plain VOC train list is still there
     shutil.rmtree(_voc_dir(root) / "SegmentationClass")
     with pytest.raises(FileNotFoundError) as e:
         VOCSegmentation(root, "val", S)
-    assert "VOCdevkit/VOC2012/SegmentationClass" in _one_line(e)
+    assert "VOCdevkit/VOC2012/SegmentationClass" in data_root_error(e)
 
 
 def test_missing_file_is_reported_lazily(root):
@@ -361,7 +356,7 @@ def test_missing_file_is_reported_lazily(root):
     ds[0]
     with pytest.raises(FileNotFoundError) as e:
         ds[1]
-    msg = _one_line(e)
+    msg = data_root_error(e)
     assert "VOCdevkit/VOC2012/JPEGImages/2008_000002.jpg" in msg and "val.txt" in msg
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainers.data.voc import IGNORE_INDEX, MEAN, STD, _rel, _resize, _to_tensors
+from trainers.data.voc import IGNORE_INDEX, MEAN, STD, relative_path, resize_pair, to_tensors
 
 __all__ = [
     "CLASSES",
@@ -200,7 +200,7 @@ def train_transform(image: Image.Image, mask: np.ndarray, size: int) -> tuple[to
 
 def val_transform(image: Image.Image, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize the whole frame to size x size (bilinear image, nearest mask), normalise."""
-    return _to_tensors(*_resize(image, mask, size, size), size)
+    return to_tensors(*resize_pair(image, mask, size, size), size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ class EndoVis2018(torch.utils.data.Dataset):
         for d in seq_dirs:
             labels = d / "labels"
             if not labels.is_dir():
-                raise FileNotFoundError(f"data.root: {self.root} has no {_rel(self.root, labels)}/ "
+                raise FileNotFoundError(f"data.root: {self.root} has no {relative_path(self.root, labels)}/ "
                                         f"(expected {LAYOUT})")
             if (d / "labels.json").is_file():
                 check_labels_json(d / "labels.json")
@@ -245,7 +245,7 @@ class EndoVis2018(torch.utils.data.Dataset):
             self.ids += [f"{d.name}/{p.stem}" for p in frames]
         if not self.ids:
             raise FileNotFoundError(f"data.root: {self.root} has no labelled frames in "
-                                    f"{_rel(self.root, self.folder / 'seq_<n>' / 'labels')}/*.png "
+                                    f"{relative_path(self.root, self.folder / 'seq_<n>' / 'labels')}/*.png "
                                     f"for split {split!r} (expected {LAYOUT})")
         if size is not None:
             self.ids = self.ids[: int(size)]
@@ -257,7 +257,7 @@ class EndoVis2018(torch.utils.data.Dataset):
         seq, frame = sample_id.split("/")
         p = self.folder / seq / kind / f"{frame}.png"
         if not p.is_file():
-            raise FileNotFoundError(f"data.root: {self.root} has no {_rel(self.root, p)} (expected {LAYOUT})")
+            raise FileNotFoundError(f"data.root: {self.root} has no {relative_path(self.root, p)} (expected {LAYOUT})")
         return p
 
     def load(self, i: int) -> tuple[Image.Image, np.ndarray]:

@@ -52,6 +52,9 @@ __all__ = [
     "train_transform",
     "apply_train_transform",
     "val_transform",
+    "relative_path",
+    "resize_pair",
+    "to_tensors",
     "VOCSegmentation",
 ]
 
@@ -110,7 +113,7 @@ def find_voc2012(root) -> Path:
     raise FileNotFoundError(f"data.root: {root} has no VOCdevkit/VOC2012 folder (expected {LAYOUT})")
 
 
-def _rel(root: Path, path: Path) -> str:
+def relative_path(root: Path, path: Path) -> str:
     try:
         return str(path.relative_to(root))
     except ValueError:
@@ -131,7 +134,7 @@ def read_ids(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _resize(image: Image.Image, mask: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+def resize_pair(image: Image.Image, mask: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear for the image, nearest for the mask; a no-op at the same size. Returns uint8 arrays."""
     if (w, h) != image.size:
         image = image.resize((w, h), Image.BILINEAR)
@@ -139,7 +142,7 @@ def _resize(image: Image.Image, mask: np.ndarray, w: int, h: int) -> tuple[np.nd
     return np.asarray(image), mask
 
 
-def _to_tensors(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise the (H, W, 3) uint8 image; pad image (0) and mask (IGNORE_INDEX) bottom/right to size x size."""
     h, w = mask.shape
     arr = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
@@ -160,9 +163,9 @@ def apply_train_transform(image: Image.Image, mask: np.ndarray, size: int, ratio
                           top: int, left: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The training transform with its random draws given: rescale (shorter side -> size * ratio),
     crop at most size x size at (top, left) of the rescaled image, normalise, pad, flip."""
-    img, mask = _resize(image, mask, *rescaled_size(*image.size, size, ratio))
+    img, mask = resize_pair(image, mask, *rescaled_size(*image.size, size, ratio))
     img, mask = img[top:top + size, left:left + size], mask[top:top + size, left:left + size]
-    img_t, mask_t = _to_tensors(img, mask, size)
+    img_t, mask_t = to_tensors(img, mask, size)
     if flip:
         img_t, mask_t = img_t.flip(-1), mask_t.flip(-1)
     return img_t, mask_t
@@ -187,7 +190,7 @@ def val_transform(image: Image.Image, mask: np.ndarray, size: int) -> tuple[torc
         nw, nh = size, max(1, int(h * size / w + 0.5))
     else:
         nw, nh = max(1, int(w * size / h + 0.5)), size
-    return _to_tensors(*_resize(image, mask, nw, nh), size)
+    return to_tensors(*resize_pair(image, mask, nw, nh), size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,12 +236,12 @@ class VOCSegmentation(torch.utils.data.Dataset):
         list_file = next((p for p in lists if p.is_file()), None)
         if list_file is None:
             also = "".join(f" or {p.name}" for p in lists[1:])
-            raise FileNotFoundError(f"data.root: {self.root} has no {_rel(self.root, lists[0])}{also} "
+            raise FileNotFoundError(f"data.root: {self.root} has no {relative_path(self.root, lists[0])}{also} "
                                     f"(expected {self.expected})")
         for d in (self.image_dir, self.mask_dir):
             if not d.is_dir():
                 raise FileNotFoundError(
-                    f"data.root: {self.root} has no {_rel(self.root, d)}/ (expected {self.expected})")
+                    f"data.root: {self.root} has no {relative_path(self.root, d)}/ (expected {self.expected})")
         self.list_file = list_file
         ids = read_ids(list_file)
         self.ids = ids if size is None else ids[: int(size)]
@@ -250,8 +253,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
         p = folder / name
         if not p.is_file():
             raise FileNotFoundError(
-                f"data.root: {self.root} has no {_rel(self.root, p)} "
-                f"(listed in {_rel(self.root, self.list_file)}; expected {self.expected})"
+                f"data.root: {self.root} has no {relative_path(self.root, p)} "
+                f"(listed in {relative_path(self.root, self.list_file)}; expected {self.expected})"
             )
         return p
 
