@@ -126,3 +126,18 @@ def test_decoder_scale_must_match_the_patch():
     with pytest.raises(ValueError, match=r"upsamples x16 but model.encoder='clip_vit_tiny' has patch 8"):
         build_method(Config.model_validate({"model": {"encoder": "clip_vit_tiny", "decoder": "tconv"},
                                             "method": {"name": "clip_rl"}}), 8, 255)
+
+
+def test_checkpoints_leave_out_the_frozen_tower_and_resume():
+    model = make()
+    train_steps(model, n=1)
+    state = model.checkpoint_state()
+    assert state and not any(k.startswith("segmentor.encoder.") for k in state)
+    assert any(k.startswith("segmentor.decoder.") for k in state) and "baseline.b" in state
+    fresh = make()                     # same seed: the tower is rebuilt identically from config
+    fresh.load_checkpoint_state(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    del state["residual.1.weight"]
+    with pytest.raises(RuntimeError, match="missing.*residual.1.weight"):
+        fresh.load_checkpoint_state(state)

@@ -148,7 +148,7 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
 
     start_epoch = 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_checkpoint_state(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         _set_rng_state(state["rng"])
@@ -168,7 +168,7 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
         if (epoch + 1) % cfg.schedule.eval_every == 0 or epoch + 1 == cfg.schedule.epochs:
             metrics.update(evaluate(model, val_loader, class_names, rt))
         report(metrics, {
-            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1, "model": model.checkpoint_state(), "optimizer": optimizer.state_dict(),
             "lr_schedule": lr_schedule.state_dict(), "rng": _rng_state(),
         })
     return metrics

@@ -39,6 +39,23 @@ class SegMethod(nn.Module):
                 groups.setdefault(scale, []).append(p)
         return [(params, scale) for scale, params in groups.items()]
 
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        """Submodules marked `frozen = True` (e.g. the CLIP tower): rebuilt from config, never trained."""
+        return tuple(f"{name}." for name, mod in self.named_modules() if name and getattr(mod, "frozen", False))
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """state_dict without frozen submodules (a ViT-B/16 tower would add ~340 MB to every epoch checkpoint)."""
+        frozen = self._frozen_prefixes()
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of checkpoint_state: every key but the frozen submodules' must be present."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        frozen = self._frozen_prefixes()
+        missing = [k for k in missing if not k.startswith(frozen)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """epoch is 0-based."""
 

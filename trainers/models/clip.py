@@ -52,6 +52,7 @@ def tokens_to_grid(tokens: torch.Tensor, grid_size: tuple[int, int], num_prefix_
 
 class FrozenClipViT(nn.Module):
     """An open_clip VisionTransformer, frozen, returning the patch tokens of `blocks` fused along channels.
+    `frozen = True` keeps it out of training checkpoints (SegMethod.checkpoint_state): it is rebuilt from config.
 
     Frozen three ways: every parameter has requires_grad False; the tower stays in eval mode whatever the
     parent's .train() says; forward runs under torch.no_grad() (no graph through the tower, so the latent z
@@ -60,6 +61,8 @@ class FrozenClipViT(nn.Module):
     Inputs arrive normalised with the dataset's mean/std (ImageNet-like) and are NOT re-normalised with
     CLIP's own mean/std (which differs slightly): kept simple on purpose.
     """
+
+    frozen = True
 
     def __init__(self, visual: nn.Module, blocks: Sequence[int], name: str = "clip_vit",
                  normalize_intermediates: bool = True):
