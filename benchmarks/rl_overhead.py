@@ -13,6 +13,7 @@ loading). Prints the median step time of each method, their ratio, and where lat
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ def build(tree: dict, method: str, num_classes: int, device: torch.device):
     from trainers.methods import build_method
     from trainers.overrides import apply_overrides
 
-    tree = apply_overrides(yaml.safe_load(yaml.safe_dump(tree)), [("method", method)] if method == "supervised" else [])
+    tree = apply_overrides(copy.deepcopy(tree), [("method", method)] if method == "supervised" else [])
     cfg = Config.model_validate(tree)
     torch.manual_seed(0)
     model = build_method(cfg, num_classes, 255).to(device).train()
@@ -131,7 +132,7 @@ def main() -> None:
     measure("embedded", preset, 8, preset["schedule"]["batch_size"], d["image_size"], args.steps, 3, device)
 
     if not args.skip_paper:
-        paper = yaml.safe_load(yaml.safe_dump(preset))
+        paper = copy.deepcopy(preset)
         profile = yaml.safe_load((REPO / "trainers" / "presets" / "paper_voc_fcn_r50.yaml").read_text())
         paper["model"] = {**profile["model"], "pretrained": None}          # random init: no download
         paper["schedule"] = profile["schedule"]

@@ -396,3 +396,14 @@ def test_log_prob_elements_sum_to_eq12():
     torch.testing.assert_close(terms.flatten(1).sum(1), gaussian_log_prob(s, mu, ls))
     expect = torch.distributions.Normal(mu[:, :, None, None], ls.exp()[:, :, None, None]).log_prob(s)
     torch.testing.assert_close(terms, expect)
+
+
+def test_iou_reward_equals_the_iou_term():
+    from trainers.rl import iou_reward
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, 9, 7, generator=g)
+    target = torch.randint(0, 4, (5, 9, 7), generator=g)
+    target[0, :3] = 255
+    target[4] = 255                                   # no valid pixel: 0 like the composite
+    torch.testing.assert_close(iou_reward(logits, target, 4), segmentation_rewards(logits, target, 4)["iou"])

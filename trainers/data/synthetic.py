@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from trainers.data.endovis import CLASSES as _ENDOVIS_CLASSES, PALETTE as _ENDOVIS_PALETTE
+
 __all__ = [
     "CLASSES",
     "PALETTE",
@@ -55,17 +57,8 @@ CLASSES: tuple[str, ...] = (
     "clamps",
 )
 
-# Colours of the EndoVis 2018 robotic scene segmentation label map (labels.json), in CLASSES order.
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0),  # background-tissue
-    (255, 55, 0),  # kidney-parenchyma
-    (0, 255, 0),  # instrument-shaft
-    (125, 255, 12),  # instrument-wrist
-    (0, 255, 255),  # instrument-clasper
-    (187, 155, 25),  # thread
-    (255, 255, 125),  # suturing-needle
-    (0, 255, 125),  # clamps
-)
+# The EndoVis 2018 label colours (labels.json) of these classes, in CLASSES order: one table, in endovis.py.
+PALETTE: tuple[tuple[int, int, int], ...] = tuple(_ENDOVIS_PALETTE[_ENDOVIS_CLASSES.index(c)] for c in CLASSES)
 
 IGNORE_INDEX = 255
 

@@ -27,7 +27,7 @@ from trainers.methods import register_method
 from trainers.methods.base import SegMethod
 from trainers.methods.latent_rl import BaselineConfig
 from trainers.models.encoders import conv_bn_relu
-from trainers.rl import Baseline, segmentation_rewards
+from trainers.rl import Baseline, iou_reward
 from trainers.schedules import SHAPES, curriculum
 
 
@@ -139,8 +139,8 @@ class ClipRL(SegMethod):
         masks_g = masks.repeat_interleave(g, 0) if g > 1 else masks
         seg_o = self.seg_loss(refined, masks_g)
         with torch.no_grad():
-            iou_o = segmentation_rewards(refined, masks_g, self.num_classes, self.ignore_index)["iou"]
-            iou_l = segmentation_rewards(s_l, masks, self.num_classes, self.ignore_index)["iou"]
+            iou_o = iou_reward(refined, masks_g, self.num_classes, self.ignore_index)
+            iou_l = iou_reward(s_l, masks, self.num_classes, self.ignore_index)
             reward = iou_o.view(b, g) - iou_l[:, None]                              # IoU(O) - IoU(s_L)
             adv = self.baseline.advantages(reward if g > 1 else reward[:, 0]).view(b, g)
         loss_rl = -(adv * dist.log_prob(a.T).T).mean()                              # REINFORCE

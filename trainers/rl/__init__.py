@@ -3,11 +3,11 @@ advantages and objectives. Pure functions and small modules; the methods in trai
 from trainers.rl.advantage import Baseline, group_advantages
 from trainers.rl.objectives import ema_update, ppo_clip_loss, ppo_stats
 from trainers.rl.policy import GaussianLatentPolicy, gaussian_kl, gaussian_log_prob
-from trainers.rl.rewards import segmentation_rewards, weighted_reward
+from trainers.rl.rewards import iou_reward, segmentation_rewards, weighted_reward
 
 __all__ = [
     "Baseline", "group_advantages",
     "ema_update", "ppo_clip_loss", "ppo_stats",
     "GaussianLatentPolicy", "gaussian_kl", "gaussian_log_prob",
-    "segmentation_rewards", "weighted_reward",
+    "iou_reward", "segmentation_rewards", "weighted_reward",
 ]

@@ -45,6 +45,43 @@ def _dilate(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _valid(target: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid pixel map, target with invalid pixels set to 0)."""
+    target = target.long()
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    return valid, target.masked_fill(~valid, 0)
+
+
+def _overlap(pred: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image IoU and Dice, each the mean over the classes present in prediction or target -> (B,), (B,)."""
+    b = pred.shape[0]
+    # Per-image, per-class counts by scatter_add on offsets b*K + class (valid pixels weigh 1, others 0).
+    offset = (torch.arange(b, device=tgt.device) * k).view(b, 1, 1)
+    w = valid.long().flatten()
+
+    def counts(cls: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(b * k, dtype=torch.long, device=tgt.device)
+        return out.scatter_add_(0, (offset + cls).flatten(), weight).view(b, k).float()
+
+    inter = counts(tgt, w * (pred == tgt).long().flatten())
+    area_p = counts(pred, w)
+    area_g = counts(tgt, w)
+    union = area_p + area_g - inter
+    present = union > 0
+    n_present = present.sum(1).clamp_min(1)
+    iou = torch.where(present, inter / union.clamp_min(1), 0.0).sum(1) / n_present
+    dice = torch.where(present, 2 * inter / (area_p + area_g).clamp_min(1), 0.0).sum(1) / n_present
+    has_valid = valid.flatten(1).any(1)
+    return torch.where(has_valid, iou, 0.0), torch.where(has_valid, dice, 0.0)
+
+
+@torch.no_grad()
+def iou_reward(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """r^IoU alone (as segmentation_rewards(...)["iou"], without the other terms' work) -> (B,)."""
+    valid, tgt = _valid(target, num_classes, ignore_index)
+    return _overlap(logits.max(1).indices, tgt, valid, logits.shape[1])[0]
+
+
 @torch.no_grad()
 def segmentation_rewards(logits: torch.Tensor, target: torch.Tensor, num_classes: int,
                          ignore_index: int = 255) -> dict[str, torch.Tensor]:
@@ -56,35 +93,14 @@ def segmentation_rewards(logits: torch.Tensor, target: torch.Tensor, num_classes
     """
     if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
-    b, k = logits.shape[:2]
-    target = target.long()
-    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    tgt = target.masked_fill(~valid, 0)
+    valid, tgt = _valid(target, num_classes, ignore_index)
     pred = logits.max(1).indices                 # = argmax(1); argmax over dim 1 is ~8x slower on CPU
     n_valid = valid.flatten(1).sum(1)                                      # (B,)
-    has_valid = n_valid > 0
-
-    # Per-image, per-class counts by scatter_add on offsets b*K + class (valid pixels weigh 1, others 0).
-    offset = (torch.arange(b, device=target.device) * k).view(b, 1, 1)
-    w = valid.long().flatten()
-
-    def counts(cls: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(b * k, dtype=torch.long, device=target.device)
-        return out.scatter_add_(0, (offset + cls).flatten(), weight).view(b, k).float()
-
-    inter = counts(tgt, w * (pred == tgt).long().flatten())
-    area_p = counts(pred, w)
-    area_g = counts(tgt, w)
-    union = area_p + area_g - inter
-    present = union > 0
-    n_present = present.sum(1).clamp_min(1)
-    iou = torch.where(present, inter / union.clamp_min(1), 0.0).sum(1) / n_present
-    dice = torch.where(present, 2 * inter / (area_p + area_g).clamp_min(1), 0.0).sum(1) / n_present
+    iou, dice = _overlap(pred, tgt, valid, logits.shape[1])
 
     # r^CE = exp(-mean CE over the valid pixels).
     ce_pix = F.cross_entropy(logits.float(), tgt, reduction="none") * valid
-    ce = torch.exp(-ce_pix.flatten(1).sum(1) / n_valid.clamp_min(1))
-    iou, dice, ce = (torch.where(has_valid, r, 0.0) for r in (iou, dice, ce))
+    ce = torch.where(n_valid > 0, torch.exp(-ce_pix.flatten(1).sum(1) / n_valid.clamp_min(1)), 0.0)
 
     # Boundary F1 (DAVIS f_measure style) with a 1-px tolerance; ignore pixels relabelled to a sentinel (-1).
     pred_b = _boundary(pred.float().masked_fill(~valid, -1.0), valid)
