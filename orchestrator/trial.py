@@ -19,6 +19,21 @@ def trial_path(config: dict[str, Any]) -> str:
     return TORCH_TRAINER if config["resources"]["workers"] >= 1 else IN_PROCESS
 
 
+def scaling_config(config: dict[str, Any]):
+    """resources.* -> ray.train.ScalingConfig: one worker (DDP rank) per `workers`, each holding
+    `cpus_per_worker` CPUs and `gpus_per_worker` GPUs (fractional shares a GPU), placed PACK or SPREAD."""
+    import ray.train
+
+    res = config["resources"]
+    assert res["workers"] >= 1, "workers == 0 trains in the Tune trial itself (trial_path), not in a TorchTrainer"
+    per_worker = {"CPU": res["cpus_per_worker"]}
+    if res["gpus_per_worker"] > 0:
+        per_worker["GPU"] = res["gpus_per_worker"]   # overrides use_gpu's default of one whole GPU per worker
+    return ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=res["gpus_per_worker"] > 0,
+                                   resources_per_worker=per_worker,
+                                   placement_strategy=res.get("placement", "pack").upper())
+
+
 def run_trial(tune_config: dict[str, Any]) -> None:
     """Tune trainable. tune_config = {"trial": {"row", "row_index", "seed", "config"}, "storage_path": ...}."""
     import ray.tune
@@ -39,15 +54,10 @@ def _torch_trainer(config: dict[str, Any], storage_path: str, trial_id: str) -> 
 
     from trainers.loop import train_worker
 
-    res = config["resources"]
-    per_worker = {"CPU": res["cpus_per_worker"]}
-    if res["gpus_per_worker"] > 0:
-        per_worker["GPU"] = res["gpus_per_worker"]
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=res["workers"], use_gpu=res["gpus_per_worker"] > 0, resources_per_worker=per_worker),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",          # stable per trial: a restored trial finds its checkpoints
             storage_path=storage_path,
@@ -60,13 +70,12 @@ def _torch_trainer(config: dict[str, Any], storage_path: str, trial_id: str) -> 
 
 def _in_process(config: dict[str, Any]) -> None:
     import ray.tune
-    import torch
 
-    from trainers.loop import CHECKPOINT_FILE, fit
+    from trainers.loop import fit, write_checkpoint
 
     def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+            write_checkpoint(d, state, rank=0)
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
 
     fit(config, report)

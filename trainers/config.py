@@ -81,9 +81,13 @@ class ScheduleConfig(Strict):
 
 
 class ResourcesConfig(Strict):
+    """What each trial asks Ray for (orchestrator.trial.scaling_config turns it into a ScalingConfig)."""
     workers: int = Field(1, ge=0)     # Ray Train workers (DDP ranks); 0 = train inside the Tune trial process
     cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    gpus_per_worker: float = Field(0, ge=0)   # fractional (0.5) lets two workers share a GPU; > 0 trains on CUDA
+    # how Ray places the workers: pack = as few nodes as fit (fast collectives), spread = one per node where
+    # it can (ScalingConfig placement_strategy PACK / SPREAD; both are best effort, as in Ray)
+    placement: Literal["pack", "spread"] = "pack"
 
 
 class Config(Strict):

@@ -6,11 +6,19 @@
 Both run `_train` with a Runtime that says how to place the model and the data and how to report.
 Data order is a function of (seed, epoch) (DistributedSampler with set_epoch), so a run resumed from
 an epoch checkpoint sees the same batches as one never interrupted.
+
+A checkpoint folder holds `state.pt` (rank 0's resumable state) and, from the final epoch,
+`ranks/rank<r>.json` from every rank (rank_record): which node it ran on, the train indices it drew
+and digests of its final weights, so a multi-worker run can show its ranks trained on disjoint shards
+and ended with identical parameters.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import socket
 import random
 import sys
 import tempfile
@@ -29,6 +37,9 @@ from trainers.metrics import ConfusionMatrix
 
 Report = Callable[[dict[str, float], dict[str, Any]], None]
 CHECKPOINT_FILE = "state.pt"
+RANKS_DIR = "ranks"               # ranks/rank<r>.json in the final epoch's checkpoint
+RANK_RECORD = "rank_record"       # the key of the final epoch's state that carries this rank's record
+LIST_INDICES_UP_TO = 4096         # per epoch; larger shards keep only count + sha256
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,6 +71,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    node_id: str | None = None       # the Ray node this rank runs on
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -92,13 +104,61 @@ class RayTrainRuntime(Runtime):
         return t
 
     def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        """Train V2 copies every rank's checkpoint files into one folder (rank 0 names it), so rank 0
+        writes state.pt and each rank adds its own ranks/rank<r>.json in the final epoch."""
         import ray.train
-        if self.rank != 0:
+        if self.rank != 0 and RANK_RECORD not in state:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+            write_checkpoint(d, state, self.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def write_checkpoint(directory: str, state: dict[str, Any], rank: int) -> None:
+    """One rank's files of an epoch checkpoint: state.pt from rank 0 (without the rank record, so it
+    stays what resume reads), ranks/rank<r>.json from every rank whose state carries a record."""
+    record = state.get(RANK_RECORD)
+    if rank == 0:
+        torch.save({k: v for k, v in state.items() if k != RANK_RECORD}, os.path.join(directory, CHECKPOINT_FILE))
+    if record is not None:
+        os.makedirs(os.path.join(directory, RANKS_DIR), exist_ok=True)
+        with open(os.path.join(directory, RANKS_DIR, f"rank{rank}.json"), "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of each tensor in sorted name order: equal digests
+    mean bit-identical tensors, whatever device they live on."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def indices_record(indices: list[int]) -> dict[str, Any]:
+    """The train sample indices one rank drew in one epoch: count, sha256 of the sorted list, the list if small."""
+    ordered = sorted(indices)
+    out: dict[str, Any] = {"count": len(ordered),
+                           "sha256": hashlib.sha256(json.dumps(ordered).encode()).hexdigest()}
+    if len(ordered) <= LIST_INDICES_UP_TO:
+        out["indices"] = ordered
+    return out
+
+
+def rank_record(rt: Runtime, model: torch.nn.Module, drawn: dict[int, list[int]], start_epoch: int) -> dict[str, Any]:
+    """Evidence of what this rank did. `params_sha256` is equal on every rank after DDP (gradients are
+    all-reduced); `state_sha256` adds buffers, which may differ (BatchNorm running stats see local batches)."""
+    return {
+        "world_rank": rt.rank, "world_size": rt.world_size, "node_id": rt.node_id,
+        "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(rt.device),
+        "resumed_from_epoch": start_epoch,
+        "train_indices": {str(epoch): indices_record(ix) for epoch, ix in drawn.items()},  # epoch (1-based) ->
+        "params_sha256": tensors_sha256(dict(model.named_parameters())),
+        "state_sha256": tensors_sha256(model.state_dict()),
+    }
 
 
 def fit(config: Config | dict, report: Report | None = None, *, state: dict | None = None) -> dict[str, float]:
@@ -118,7 +178,7 @@ def train_worker(config: dict) -> None:
     cfg = Config.model_validate(config)
     ctx = ray.train.get_context()
     rt = RayTrainRuntime(device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
-                         world_size=ctx.get_world_size())
+                         world_size=ctx.get_world_size(), node_id=ray.get_runtime_context().get_node_id())
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -158,8 +218,10 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
     train_loader, val_loader = rt.prepare_loader(train_loader), rt.prepare_loader(val_loader)
     class_names = list(train_set.classes)
     metrics: dict[str, float] = {}
+    drawn: dict[int, list[int]] = {}     # epoch -> the train indices this rank's loader yields (drop_last)
     for epoch in range(start_epoch, cfg.schedule.epochs):
         sampler.set_epoch(epoch)
+        drawn[epoch + 1] = list(sampler)[:len(train_loader) * bs]   # own generator: global RNG untouched
         model.on_epoch_start(epoch, cfg.schedule.epochs)
         metrics = {"epoch": epoch + 1}
         metrics.update(train_one_epoch(ddp_model, model, train_loader, optimizer, lr_schedule, cfg, rt))
@@ -167,10 +229,11 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
             raise TrainingDiverged(f"training loss became {metrics['train/loss']} in epoch {epoch + 1}")
         if (epoch + 1) % cfg.schedule.eval_every == 0 or epoch + 1 == cfg.schedule.epochs:
             metrics.update(evaluate(model, val_loader, class_names, rt))
-        report(metrics, {
-            "epoch": epoch + 1, "model": model.checkpoint_state(), "optimizer": optimizer.state_dict(),
-            "lr_schedule": lr_schedule.state_dict(), "rng": _rng_state(),
-        })
+        state = {"epoch": epoch + 1, "model": model.checkpoint_state(), "optimizer": optimizer.state_dict(),
+                 "lr_schedule": lr_schedule.state_dict(), "rng": _rng_state()}
+        if epoch + 1 == cfg.schedule.epochs:
+            state[RANK_RECORD] = rank_record(rt, model, drawn, start_epoch)
+        report(metrics, state)
     return metrics
 
 
