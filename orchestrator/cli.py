@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,8 +19,9 @@ class _Parser(argparse.ArgumentParser):
 def _sweep_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="rlseg-sweep",
-        description="Run an ablation spec (rows x seeds) as Ray Tune trials, each a Ray Train TorchTrainer; "
-                    "log to MLflow; write Parquet and a mean ± std table under results/.",
+        description="Run an ablation spec (rows x seeds), or a search spec (an Optuna search, then its top configs "
+                    "over seeds), as Ray Tune trials, each a Ray Train TorchTrainer; log to MLflow; write Parquet "
+                    "and a mean ± std table under results/.",
         epilog="example: rlseg-sweep ablations/loss.yaml schedule.epochs=3 --max-concurrent 2")
     p.add_argument("spec", nargs="?", help="an ablation spec, e.g. ablations/loss.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -30,6 +31,9 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (e.g. auto or ray://head:10001); default: a local Ray")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
     p.add_argument("--results-dir", default="results", help="results root (default: ./results)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                   help="continue an interrupted run of this spec (default: its newest unfinished run folder) "
+                        "with its own profile and overrides; finished trials are not run again")
     p.add_argument("--list", action="store_true", help="list the shipped ablations, presets and registered names")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v: Tune's status tables; -vv: also the workers' logs")
     return p
@@ -46,35 +50,82 @@ def sweep_main(argv: list[str] | None = None) -> int:
         print("command line: --max-concurrent: expected a whole number >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from orchestrator.spec import SpecError, resolve
+    from orchestrator.spec import SearchPlan, SpecError, resolve
 
+    resume = None
     try:
-        plan = resolve(args.spec, profile=args.profile, overrides=args.overrides)
+        if args.resume:
+            resume, plan = _resumable(args)
+        else:
+            plan = resolve(args.spec, profile=args.profile, overrides=args.overrides)
     except SpecError as e:
         print(f"rlseg-sweep: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    search = isinstance(plan, SearchPlan)
     if args.dry_run:
-        from orchestrator.plan import render_plan
+        from orchestrator.plan import render_plan, render_search_plan
 
-        print(render_plan(plan, max_concurrent=args.max_concurrent))
+        print((render_search_plan if search else render_plan)(plan, max_concurrent=args.max_concurrent))
         return EXIT_OK
 
-    from orchestrator.sweep import run_sweep
     from orchestrator.tracking import ui_command
 
-    out = run_sweep(plan, results_root=Path(args.results_dir), address=args.address,
-                    max_concurrent=args.max_concurrent, verbose=1 + args.verbose)
+    if search:
+        from orchestrator.search import run_search as run
+    else:
+        from orchestrator.sweep import run_sweep as run
+    out = run(plan, results_root=Path(args.results_dir), address=args.address,
+              max_concurrent=args.max_concurrent, verbose=1 + args.verbose, resume=resume)
+    if out.interrupted:
+        print(f"\ninterrupted; what finished is kept in {out.run_dir}. Continue with:\n"
+              f"  rlseg-sweep {args.spec} --resume {out.run_dir} --results-dir {args.results_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print()
     print(out.markdown)
     print()
     print(f"results: {out.run_dir}")
     print(f"mlflow:  {ui_command(out.tracking_uri)}")
     if out.failed:
-        print(f"\n{len(out.failed)} of {len(plan.trials)} trials failed:", file=sys.stderr)
+        print(f"\n{len(out.failed)} of {out.trials} trials failed:", file=sys.stderr)
         for r in out.failed:
             print(f"  {r['row']} | seed {r['seed']}: {r['error']}", file=sys.stderr)
         return EXIT_TRIALS_FAILED
     return EXIT_OK
+
+
+def _resumable(args):
+    """(run folder, plan) for --resume: the run's own profile and overrides, and the spec must resolve as it did."""
+    import yaml
+
+    from orchestrator import results
+    from orchestrator.spec import SpecError, load_spec, resolve
+
+    if args.profile or args.overrides:
+        raise SpecError("command line: --resume takes the run's own --profile and overrides; give neither")
+    name = load_spec(args.spec).name
+    if args.resume == "latest":
+        runs = results.unfinished_runs(Path(args.results_dir), name)
+        if not runs:
+            raise SpecError(f"command line: --resume: no unfinished run of {name!r} under {args.results_dir}/{name}/")
+        run_dir = runs[0]
+    else:
+        run_dir = Path(args.resume)
+    state = results.read_state(run_dir)
+    if not state:
+        raise SpecError(f"command line: --resume: {run_dir} is not a run folder of rlseg-sweep (no run.json)")
+    if state.get("phase") == "done":
+        raise SpecError(f"command line: --resume: {run_dir} finished; nothing to resume (rlseg-table re-renders it)")
+    plan = resolve(args.spec, profile=state.get("profile"), overrides=state.get("overrides") or [])
+    def what(resolved: dict) -> dict:   # everything but the paths as typed (a resume may run from another folder)
+        return {k: v for k, v in resolved.items() if k not in ("spec_path", "space_path")}
+
+    before = yaml.safe_load((run_dir / "spec.resolved.yaml").read_text())
+    if before["spec"]["name"] != name:
+        raise SpecError(f"command line: --resume: {run_dir} is a run of {before['spec']['name']!r}, not {name!r}")
+    if what(before) != what(yaml.safe_load(yaml.safe_dump(plan.resolved(), sort_keys=False))):
+        raise SpecError(f"{args.spec}: the spec (or a preset it uses) changed since {run_dir} started; "
+                        f"resuming would mix two configurations (start a new run instead)")
+    return run_dir, plan
 
 
 def table_main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.spec import Plan
+from orchestrator.spec import Plan, SearchPlan
 
 
 def _seeds(seeds: list[int]) -> str:
@@ -47,16 +47,60 @@ def render_plan(plan: Plan, max_concurrent: int | None = None) -> str:
         lines_by_index[p.index] = (str(p.index), p.name, "—", "PENDING", f"not runnable yet: {p.reason} [{p.error}]",
                                    _paper(p.paper, p.paper_std))
     table += [lines_by_index[i] for i in sorted(lines_by_index)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    base = plan.base_config
+    lines = _table(table)
     tail = [
         "",
-        f"base: data={base['data']['name']} ({base['data']['image_size']}px, {base['data']['train_size'] or 'all'} train / "
-        f"{base['data']['val_size'] or 'all'} val), model={base['model']['encoder']}+{base['model']['decoder']}, "
-        f"epochs={base['schedule']['epochs']}, batch={base['schedule']['batch_size']}, lr={base['schedule']['lr']:g}",
+        _base_line(plan.base_config),
         f"max concurrent trials (local): {max_concurrent or default_max_concurrent(plan, os.cpu_count() or 1)}",
         "dry run: nothing started, nothing written",
     ]
     return "\n".join(head + lines + tail)
+
+
+def _base_line(base: dict) -> str:
+    return (f"base: data={base['data']['name']} ({base['data']['image_size']}px, {base['data']['train_size'] or 'all'} "
+            f"train / {base['data']['val_size'] or 'all'} val), model={base['model']['encoder']}+"
+            f"{base['model']['decoder']}, method={base['method']['name']}, epochs={base['schedule']['epochs']}, "
+            f"batch={base['schedule']['batch_size']}, lr={base['schedule']['lr']:g}")
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(line[i]) for line in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def render_search_plan(plan: SearchPlan, max_concurrent: int | None = None) -> str:
+    from orchestrator.sweep import fitting_trials
+
+    spec = plan.spec
+    sched = spec.scheduler
+    n_confirm = (spec.confirm.top_k + 1) * len(spec.confirm.seeds)
+    head = [
+        f"{spec.name}: {spec.title}" if spec.title else spec.name,
+        f"spec: {plan.path}" + (f"   paper: {spec.paper}" if spec.paper else ""),
+        f"profile: {plan.profile or 'embedded (default)'}   overrides: {' '.join(plan.overrides) or '(none)'}",
+        f"metric: {spec.metric.name} ({spec.metric.mode})   search space: {plan.space_path} ({len(plan.params)} parameters)",
+        f"search: {spec.num_samples} trials, training seed {spec.trial_seed}, sampler {spec.sampler.kind.upper()} "
+        f"(seed {spec.sampler.seed}, {spec.sampler.n_startup_trials} random first), scheduler {sched.kind}"
+        + (f" (grace period {sched.grace_period} epochs, reduction factor {sched.reduction_factor:g}, "
+           f"max {plan.epochs} epochs)" if sched.kind == "asha" else ""),
+        f"confirm: the top {spec.confirm.top_k} configs and the base config x seeds {_seeds(spec.confirm.seeds)} "
+        f"= {n_confirm} trials",
+        "",
+    ]
+    lines = _table([("parameter", "distribution", "base value")]
+                   + [(p.key, p.describe(), str(_get(plan.base_config, p.key))) for p in plan.params])
+    slots = max_concurrent or fitting_trials([plan.search_config] * spec.num_samples, os.cpu_count() or 1)
+    tail = ["", _base_line(plan.base_config)]
+    if plan.search_config["schedule"]["eval_every"] != plan.base_config["schedule"]["eval_every"]:
+        tail.append("search trials evaluate every epoch (the searcher and the scheduler read the metric each epoch)")
+    tail += [f"max concurrent trials (local): {slots}", "dry run: nothing started, nothing written"]
+    return "\n".join(head + lines + tail)
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree

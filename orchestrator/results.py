@@ -79,6 +79,44 @@ def read_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     return table.to_pandas(), epochs, meta
 
 
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as plain dicts, missing values as None (what the recorder keeps in memory)."""
+    return [{k: _native(v) for k, v in row.items()} for row in df.to_dict("records")]
+
+
+def _missing(v: Any) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):   # lists, arrays
+        return False
+
+
+def _native(v: Any) -> Any:
+    return None if _missing(v) else (v.item() if hasattr(v, "item") else v)
+
+
+RUN_STATE = "run.json"
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """run.json: what a resumed command needs (spec path, profile, overrides, MLflow parent run, phase)."""
+    path = run_dir / RUN_STATE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_state(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    state = {**read_state(run_dir), **fields}
+    write_atomic(run_dir / RUN_STATE, json.dumps(state, indent=1, default=str))
+    return state
+
+
+def unfinished_runs(results_root: Path, spec_name: str) -> list[Path]:
+    """Run folders of a spec whose command did not finish, newest first."""
+    base = results_root / spec_name
+    runs = sorted((p for p in base.iterdir() if p.is_dir()), reverse=True) if base.is_dir() else []
+    return [p for p in runs if (p / RUN_STATE).is_file() and read_state(p).get("phase") != "done"]
+
+
 def git_info(cwd: Path | None = None) -> dict[str, Any]:
     def git(*args: str) -> str | None:
         try:

@@ -44,23 +44,28 @@ class RowSpec(_Strict):
     pending: str | None = Field(None, min_length=1)
 
 
-class Spec(_Strict):
+def _distinct_seeds(v: list[int]) -> list[int]:
+    if len(set(v)) != len(v):
+        raise ValueError("seeds must be distinct")
+    return v
+
+
+class _SpecBase(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     title: str = ""
     paper: str | None = None
     metric: MetricSpec = Field(default_factory=MetricSpec)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     base: str | dict[str, Any] = "supervised"
     # a profile is a mapping of config keys, or the name of a preset holding one (shared by several specs)
     profiles: dict[str, dict[str, Any] | str] = Field(default_factory=dict)
+
+
+class Spec(_SpecBase):
+    """An ablation: rows x seeds."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     rows: list[RowSpec] = Field(min_length=1)
 
-    @field_validator("seeds")
-    @classmethod
-    def _unique_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError("seeds must be distinct")
-        return v
+    _unique_seeds = field_validator("seeds")(_distinct_seeds)
 
     @field_validator("rows")
     @classmethod
@@ -72,8 +77,75 @@ class Spec(_Strict):
         return v
 
 
+class SamplerSpec(_Strict):
+    """Optuna's TPE sampler, seeded: the same spec proposes the same configs (up to trial completion order)."""
+    kind: Literal["tpe"] = "tpe"
+    seed: int = 0
+    n_startup_trials: int = Field(4, ge=1)     # random proposals before TPE models the results
+
+
+class SchedulerSpec(_Strict):
+    """Early stopping of search trials: ASHA over epochs (Tune's ASHAScheduler), or none."""
+    kind: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(2, ge=1)          # epochs every trial runs before the first rung
+    reduction_factor: float = Field(2.0, gt=1)  # 1/reduction_factor of the trials go on at each rung
+
+
+class ConfirmSpec(_Strict):
+    """The top_k search configs (and the base config) rerun over these seeds: an ablation table."""
+    top_k: int = Field(2, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+
+    _unique_seeds = field_validator("seeds")(_distinct_seeds)
+
+
+class SearchSpec(_SpecBase):
+    """An Optuna search over a space (search_spaces/*.yaml), then a confirmation of the best configs over seeds."""
+    search: str = Field(min_length=1)           # the search space file (relative to the spec, its parent, or CWD)
+    num_samples: int = Field(16, ge=1)          # search trials
+    trial_seed: int = 0                         # the training seed of every search trial
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v   # `scheduler: asha` / `scheduler: none`
+
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+
+
+@dataclass
+class SearchParam:
+    """One dimension of a search space: a config path and its distribution."""
+    key: str                        # dotted config path, e.g. method.policy.ema_eta
+    kind: str                       # uniform | loguniform | int | choice
+    low: float | None = None
+    high: float | None = None
+    step: int | None = None         # int only
+    choices: list[Any] | None = None
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all be valid for the key: both bounds (and the midpoint) or every choice."""
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, (self.low + self.high) / 2, self.high]
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"choice {self.choices}"
+        step = f" step {self.step}" if self.step and self.step != 1 else ""
+        return f"{self.kind} [{self.low:g}, {self.high:g}]{step}"
+
+
 # command-line keys that change the spec itself (seeds=[0,1], metric.name=val/pixel_acc); the rest are config keys
 SPEC_KEYS = ("title", "paper", "metric", "seeds", "base")
+SEARCH_SPEC_KEYS = ("title", "paper", "metric", "base", "search", "num_samples", "trial_seed", "sampler", "scheduler",
+                    "confirm")
 
 
 @dataclass
@@ -158,23 +230,25 @@ def read_yaml(path: Path) -> Any:
         raise SpecError(f"{path}: not valid YAML: {where}{problem}") from None
 
 
-def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Spec:
-    """Read and validate a spec file; `overrides` of spec-level keys (seeds=[0,1], metric.name=...) come
-    from the command line and are validated after the file itself."""
+def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Spec | SearchSpec:
+    """Read and validate a spec file (an ablation, or a search if it has a `search:` key); `overrides` of spec-level
+    keys (seeds=[0,1], metric.name=..., num_samples=8) come from the command line and are validated after the file."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping with name, metric, seeds, base, rows; got {type(raw).__name__}")
+        raise SpecError(f"{path}: expected a mapping with name, metric, base and rows (or search); "
+                        f"got {type(raw).__name__}")
+    model = SearchSpec if "search" in raw else Spec
     try:
-        spec = Spec.model_validate(raw)
+        spec = model.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(f"{path}: {describe(e, Spec)}") from None
+        raise SpecError(f"{path}: {describe(e, model)}") from None
     if not overrides:
         return spec
     try:
-        return Spec.model_validate(apply_overrides(copy.deepcopy(raw), overrides))
+        return model.model_validate(apply_overrides(copy.deepcopy(raw), overrides))
     except (ValidationError, OverrideError) as e:
-        raise SpecError(f"command line: {describe(e, Spec) if isinstance(e, ValidationError) else e}") from None
+        raise SpecError(f"command line: {describe(e, model) if isinstance(e, ValidationError) else e}") from None
 
 
 def preset_names() -> list[str]:
@@ -191,17 +265,27 @@ def load_preset(name: str, spec_path: Path, key: str = "base") -> dict[str, Any]
     return tree
 
 
-def resolve(path: str | Path, profile: str | None = None, overrides: list[str] | None = None) -> Plan:
-    """Spec file -> Plan with one validated config per row and one TrialSpec per (row, seed)."""
+def resolve(path: str | Path, profile: str | None = None, overrides: list[str] | None = None) -> Plan | SearchPlan:
+    """Spec file -> Plan (one validated config per row, one TrialSpec per (row, seed)), or SearchPlan for a search."""
     path = Path(path)
     overrides = list(overrides or [])
     try:
         pairs = parse_assignments(overrides)
     except OverrideError as e:
         raise SpecError(f"command line: {e}") from None
-    spec_pairs = [(k, v) for k, v in pairs if k.split(".")[0] in SPEC_KEYS]
-    config_pairs = [(k, v) for k, v in pairs if k.split(".")[0] not in SPEC_KEYS]
+    raw = read_yaml(path)
+    spec_keys = SEARCH_SPEC_KEYS if isinstance(raw, dict) and "search" in raw else SPEC_KEYS
+    spec_pairs = [(k, v) for k, v in pairs if k.split(".")[0] in spec_keys]
+    config_pairs = [(k, v) for k, v in pairs if k.split(".")[0] not in spec_keys]
     spec = load_spec(path, spec_pairs)
+    base = _resolve_base(spec, path, profile, config_pairs)
+    if isinstance(spec, SearchSpec):
+        return _search_plan(spec, path, profile, overrides, base)
+    return plan_rows(spec, path, profile, overrides, base)
+
+
+def _resolve_base(spec: Spec | SearchSpec, path: Path, profile: str | None, config_pairs) -> dict[str, Any]:
+    """base -> profile -> command-line overrides, validated at each step."""
     if isinstance(spec.base, str):
         tree, where = load_preset(spec.base, path), f"preset {spec.base!r} ({spec.base}.yaml)"
     else:
@@ -213,11 +297,15 @@ def resolve(path: str | Path, profile: str | None = None, overrides: list[str] |
             raise SpecError(f"{path}: profiles: no profile {profile!r} (profiles: {known})")
         chosen = spec.profiles[profile]
         if isinstance(chosen, str):
-            base = _apply_and_validate(base, load_preset(chosen, path, f"profiles.{profile}"), f"{path}: profiles.{profile} (preset {chosen!r})")
+            base = _apply_and_validate(base, load_preset(chosen, path, f"profiles.{profile}"),
+                                       f"{path}: profiles.{profile} (preset {chosen!r})")
         else:
             base = _apply_and_validate(base, chosen, f"{path}: profiles.{profile}")
-    base = _apply_and_validate(base, config_pairs, "command line")
+    return _apply_and_validate(base, config_pairs, "command line")
 
+
+def plan_rows(spec: Spec, path: Path, profile: str | None, overrides: list[str], base: dict[str, Any]) -> Plan:
+    """The rows of `spec` on a resolved base config -> Plan."""
     base_flat = flatten(base)
     rows, pending = [], []
     for i, row in enumerate(spec.rows):
@@ -240,6 +328,139 @@ def resolve(path: str | Path, profile: str | None = None, overrides: list[str] |
               for r in rows for s in spec.seeds]
     return Plan(spec=spec, path=path, profile=profile, overrides=overrides, base_config=base, rows=rows,
                 trials=trials, pending=pending)
+
+
+# --------------------------------------------------------------------------- search specs and spaces
+
+
+@dataclass
+class SearchPlan:
+    """A resolved search spec: the space, the base config, and how search trials are configured."""
+    spec: SearchSpec
+    path: Path
+    space_path: Path
+    params: list[SearchParam]
+    profile: str | None
+    overrides: list[str]
+    base_config: dict[str, Any]          # the confirm phase's base (and its "base" row)
+    search_config: dict[str, Any]        # what every search trial starts from (trial_seed; eval every epoch)
+
+    @property
+    def epochs(self) -> int:
+        return self.search_config["schedule"]["epochs"]
+
+    def confirm_plan(self, picks: list[tuple[str, dict[str, Any]]]) -> Plan:
+        """The confirmation ablation: a `base` row, then one row per (name, sampled values), over confirm.seeds."""
+        s = self.spec
+        rows = [RowSpec(name="base")] + [RowSpec(name=name, set=values) for name, values in picks]
+        ablation = Spec(name=s.name, title=s.title, paper=s.paper, metric=s.metric, base=s.base, profiles=s.profiles,
+                        seeds=s.confirm.seeds, rows=rows)
+        return plan_rows(ablation, self.path, self.profile, self.overrides, self.base_config)
+
+    def resolved(self) -> dict[str, Any]:
+        return {"spec": self.spec.model_dump(mode="json"), "spec_path": str(self.path), "profile": self.profile,
+                "overrides": self.overrides, "space_path": str(self.space_path),
+                "params": [{"key": p.key, "distribution": p.describe()} for p in self.params],
+                "base_config": self.base_config, "search_config": self.search_config}
+
+
+def config_with(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """`config` with sampled {dotted key: value}, validated; SpecError (one line) if they do not fit."""
+    return _apply_and_validate(config, list(values.items()), "sampled values")
+
+
+def _search_plan(spec: SearchSpec, path: Path, profile: str | None, overrides: list[str],
+                 base: dict[str, Any]) -> SearchPlan:
+    space_path = _find_space(spec.search, path)
+    search_config = {**copy.deepcopy(base), "seed": spec.trial_seed}
+    if spec.metric.name.startswith("val/"):   # the searcher and ASHA read the metric at every epoch
+        search_config["schedule"]["eval_every"] = 1
+    params = load_space(space_path, search_config)
+    return SearchPlan(spec=spec, path=path, space_path=space_path, params=params, profile=profile,
+                      overrides=overrides, base_config=base, search_config=search_config)
+
+
+def _find_space(name: str, spec_path: Path) -> Path:
+    """A space path as written, relative to the spec's folder, to its parent (the repo) or to the CWD."""
+    p = Path(name)
+    candidates = [p] if p.is_absolute() else [spec_path.parent / p, spec_path.parent.parent / p, Path.cwd() / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise SpecError(f"{spec_path}: search: no search space file {name!r} (looked in "
+                    f"{', '.join(str(c.parent) for c in candidates)})")
+
+
+SPACE_KEYS = ("name", "description", "method", "params")
+
+
+def load_space(path: Path, base: dict[str, Any]) -> list[SearchParam]:
+    """A search space file: {params: {config.path: {uniform|loguniform|int|choice: ...}}}, checked against `base`:
+    every key must be a config path of it and every bound or choice must validate there."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict) or not raw["params"]:
+        raise SpecError(f"{path}: expected a mapping with a non-empty `params:` (config path -> distribution)")
+    extra = sorted(set(raw) - set(SPACE_KEYS))
+    if extra:
+        raise SpecError(f"{path}: {extra[0]}: unknown key (expected one of: {', '.join(SPACE_KEYS)})")
+    method = base["method"]["name"]
+    if raw.get("method") is not None and raw["method"] != method:
+        raise SpecError(f"{path}: method: this space is for {raw['method']!r}, but the spec's base config trains "
+                        f"{method!r}")
+    params = [_parse_distribution(path, str(key), dist) for key, dist in raw["params"].items()]
+    keys = [p.key for p in params]
+    for a in keys:
+        for b in keys:
+            if b.startswith(a + "."):
+                raise SpecError(f"{path}: params.{b}: overlaps params.{a} (give one or the other)")
+    for p in params:
+        for value in p.probe_values():
+            try:
+                _apply_and_validate(base, [(p.key, value)], "")
+            except SpecError as e:
+                raise SpecError(f"{path}: params.{p.key}: {p.describe()}: {value!r} is not a valid value here "
+                                f"({str(e).removeprefix(': ')})") from None
+    return params
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _parse_distribution(path: Path, key: str, dist: Any) -> SearchParam:
+    where = f"{path}: params.{key}"
+    if not isinstance(dist, dict) or not (set(dist) & set(DISTRIBUTIONS)) or len(set(dist) & set(DISTRIBUTIONS)) > 1:
+        raise SpecError(f"{where}: expected one of {{uniform: [a, b]}}, {{loguniform: [a, b]}}, {{int: [a, b]}}, "
+                        f"{{choice: [...]}}; got {dist!r}")
+    kind = next(k for k in DISTRIBUTIONS if k in dist)
+    extra = sorted(set(dist) - {kind} - ({"step"} if kind == "int" else set()))
+    if extra:
+        raise SpecError(f"{where}: {extra[0]}: unknown key (a {kind} distribution takes "
+                        f"{'[a, b] and an optional step' if kind == 'int' else 'only its values'})")
+    arg = dist[kind]
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise SpecError(f"{where}: choice: expected a non-empty list of values; got {arg!r}")
+        if not all(v is None or isinstance(v, (bool, int, float, str)) for v in arg):
+            raise SpecError(f"{where}: choice: expected scalar values (numbers, strings, booleans, null); got {arg!r}")
+        if len({repr(v) for v in arg}) != len(arg):
+            raise SpecError(f"{where}: choice: values must be distinct; got {arg!r}")
+        return SearchParam(key=key, kind=kind, choices=list(arg))
+    if not isinstance(arg, list) or len(arg) != 2 or not all(_number(v) for v in arg):
+        raise SpecError(f"{where}: {kind}: expected [low, high], two finite numbers; got {arg!r}")
+    low, high = arg
+    if not low < high:
+        raise SpecError(f"{where}: {kind}: expected low < high; got [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise SpecError(f"{where}: loguniform: expected 0 < low < high; got [{low}, {high}]")
+    step = None
+    if kind == "int":
+        if not all(isinstance(v, int) for v in arg):
+            raise SpecError(f"{where}: int: expected two whole numbers; got {arg!r}")
+        step = dist.get("step", 1)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1 or (high - low) % step:
+            raise SpecError(f"{where}: step: expected a whole number >= 1 that divides high - low; got {step!r}")
+    return SearchParam(key=key, kind=kind, low=low, high=high, step=step)
 
 
 def _apply_and_validate(tree: dict, assignments, where: str) -> dict[str, Any]:

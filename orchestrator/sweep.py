@@ -10,7 +10,8 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ class Outcome:
     failed: list[dict[str, Any]]
     tracking_uri: str
     parent_run_id: str
+    trials: int             # how many trials the command ran (or meant to)
+    interrupted: bool = False   # stopped (Ctrl-C) before every trial ended: `--resume` continues it
 
 
 def trial_resources(config: dict[str, Any], local_driver_resource: bool) -> dict[str, float]:
@@ -48,10 +51,14 @@ def trial_resources(config: dict[str, Any], local_driver_resource: bool) -> dict
     return {"cpu": 0, DRIVER_RESOURCE: 1} if local_driver_resource else {"cpu": 0.5}
 
 
+def fitting_trials(configs: list[dict[str, Any]], cpus: int) -> int:
+    """How many of these trials fit on `cpus` CPUs at once (at least 1, at most all of them)."""
+    per_trial = max(max(c["resources"]["workers"], 1) * c["resources"]["cpus_per_worker"] for c in configs)
+    return max(1, min(len(configs), int(cpus // per_trial)))
+
+
 def default_max_concurrent(plan: Plan, cpus: int) -> int:
-    per_trial = max(max(t.config["resources"]["workers"], 1) * t.config["resources"]["cpus_per_worker"]
-                    for t in plan.trials)
-    return max(1, min(len(plan.trials), int(cpus // per_trial)))
+    return fitting_trials([t.config for t in plan.trials], cpus)
 
 
 def error_line(text: str | None) -> str:
@@ -84,40 +91,76 @@ def _record(trial_id: str | None, row: str, row_index: int, seed: int, config: d
             "config_json": json.dumps(config, sort_keys=True)}
 
 
-class SweepRecorder:
-    """A ray.tune.Callback: per-trial MLflow runs and Parquet rows, built from what Tune sees."""
+@dataclass
+class Cell:
+    """What one Tune trial trains: a (row, seed) of an ablation, or a sampled config of a search."""
+    row: str
+    row_index: int
+    seed: int
+    config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)    # more trials.parquet columns (a search's params)
 
-    def __init__(self, plan: Plan, run_dir: Path, tracker: tracking.Tracker, sweep_id: str, git_sha: str | None,
-                 progress: bool = True):
-        self.plan, self.run_dir, self.tracker, self.progress = plan, run_dir, tracker, progress
-        self.sweep_id, self.git_sha = sweep_id, git_sha
+
+def grid_cell(trial) -> Cell:
+    t = trial.config["trial"]
+    return Cell(t["row"], t["row_index"], t["seed"], t["config"])
+
+
+class SweepRecorder:
+    """A ray.tune.Callback: per-trial MLflow runs and Parquet rows, built from what Tune sees.
+
+    cell_of(trial) says which cell a Tune trial is; `expected` cells that never started are recorded as failed
+    by finish(). Parquet goes to `out_dir` (the run folder, or its search/ subfolder)."""
+
+    def __init__(self, meta: dict[str, Any], out_dir: Path, tracker: tracking.Tracker, sweep_id: str,
+                 git_sha: str | None, *, total: int, expected: list[Cell] = (), cell_of=grid_cell,
+                 tags: dict[str, str] | None = None, progress: bool = True):
+        self.meta, self.out_dir, self.tracker, self.progress = meta, out_dir, tracker, progress
+        self.sweep_id, self.git_sha, self.total, self.expected = sweep_id, git_sha, total, list(expected)
+        self.cell_of, self.tags = cell_of, tags or {}
         self.trials: dict[str, dict[str, Any]] = {}
         self.epochs: list[dict[str, Any]] = []
         self.started: dict[str, float] = {}
-        self.meta = {
-            "spec": plan.spec.name, "title": plan.spec.title, "paper": plan.spec.paper,
-            "metric": plan.spec.metric.name, "mode": plan.spec.metric.mode, "seeds": plan.spec.seeds,
-            "rows": plan.table_rows(), "sweep_id": sweep_id,
-        }
+        self.resumed: set[str] = set()      # trials that ended in an earlier process (preload)
+        self.interrupted = 0                # set by the caller from finish()
+
+    def preload(self) -> None:
+        """A resumed run: the trials that ended before (from this folder's Parquet) stay as they are; trials that
+        were interrupted or never started are dropped here and recorded anew when Tune runs them."""
+        path = self.out_dir / "trials.parquet"
+        if not path.is_file():
+            return
+        trials, epochs, _ = results.read_run(self.out_dir)
+        for rec in results.records(trials):
+            if rec["status"] == OK or (rec["status"] == FAILED and not _interrupted(rec["error"])):
+                self.trials[rec["trial_id"]] = rec
+        kept = set(self.trials)
+        self.epochs = [e for e in results.records(epochs) if e["trial_id"] in kept]
+        self.resumed = set(kept)
 
     # --- Tune callback interface (ray.tune.Callback duck type; see as_tune_callback) ---
     def on_trial_start(self, iteration, trials, trial, **info):
-        payload = trial.config["trial"]
-        cfg = payload["config"]
+        if trial.trial_id in self.resumed:   # Tune restarts a trial that had ended after its last experiment save
+            return
+        cell = self.cell_of(trial)
         run_id = self.tracker.start_trial(
-            run_name=f"{payload['row']} | seed {payload['seed']}", config=cfg,
-            tags={"row": payload["row"], "row_index": str(payload["row_index"]), "seed": str(payload["seed"]),
+            run_name=f"{cell.row} | seed {cell.seed}", config=cell.config,
+            tags={"row": cell.row, "row_index": str(cell.row_index), "seed": str(cell.seed),
                   "sweep_id": self.sweep_id, "git_sha": self.git_sha or "unknown", "trial_id": trial.trial_id,
-                  "trial_path": trial_path(cfg)})
+                  "trial_path": trial_path(cell.config), **self.tags})
         self.started[trial.trial_id] = time.time()
-        self.trials[trial.trial_id] = _record(trial.trial_id, payload["row"], payload["row_index"], payload["seed"],
-                                              cfg, status="running", mlflow_run_id=run_id)
+        self.trials[trial.trial_id] = {**_record(trial.trial_id, cell.row, cell.row_index, cell.seed, cell.config,
+                                                 status="running", mlflow_run_id=run_id), **cell.extra}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.trial_id in self.resumed:
+            return
         rec = self.trials[trial.trial_id]
         metrics = {k: float(v) for k, v in result.items()
                    if k.startswith(METRIC_PREFIXES) and isinstance(v, (int, float)) and not isinstance(v, bool)}
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        # a trial resumed from an epoch checkpoint reports the epochs after it; one row per (trial, epoch) whatever
+        self.epochs = [e for e in self.epochs if (e["trial_id"], e["epoch"]) != (trial.trial_id, epoch)]
         self.epochs.append({"trial_id": trial.trial_id, "row": rec["row"], "row_index": rec["row_index"],
                             "seed": rec["seed"], "epoch": epoch, **metrics})
         rec["epochs"] = epoch
@@ -125,6 +168,8 @@ class SweepRecorder:
         self.tracker.log_metrics(rec["mlflow_run_id"], metrics, step=epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.resumed:
+            return
         rec = self.trials[trial.trial_id]
         if rec["epochs"] == 0:
             self._end(trial, FAILED, "the trial ended without reporting any epoch")
@@ -132,67 +177,109 @@ class SweepRecorder:
             self._end(trial, OK, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.resumed:
+            return
         self._end(trial, FAILED, error_line(_error_text(trial)))
 
     def _end(self, trial, status: str, error: str | None) -> None:
         rec = self.trials[trial.trial_id]
         rec.update(status=status, error=error, wall_s=time.time() - self.started[trial.trial_id])
+        planned = json.loads(rec["config_json"])["schedule"]["epochs"]
+        rec["stopped_early"] = status == OK and rec["epochs"] < planned     # by the scheduler (ASHA)
+        if rec["stopped_early"]:
+            self.tracker.client.set_tag(rec["mlflow_run_id"], "stopped_early", f"after epoch {rec['epochs']}")
         self.tracker.end_run(rec["mlflow_run_id"], ok=status == OK, error=error)
         self.flush()
         if self.progress:
             done = sum(r["status"] in (OK, FAILED) for r in self.trials.values())
-            metric = self.plan.spec.metric.name
+            metric = self.meta["metric"]
             what = f"{metric}={rec[metric]:.2f}" if status == OK and metric in rec else (error or "")
-            print(f"[{done}/{len(self.plan.trials)}] {rec['row']} | seed {rec['seed']}: {status} "
-                  f"{what} ({rec['wall_s']:.1f}s, {rec['epochs']} epochs)", flush=True)
+            early = " (stopped early)" if rec["stopped_early"] else ""
+            print(f"[{done}/{self.total}] {rec['row']} | seed {rec['seed']}: {status} {what}{early} "
+                  f"({rec['wall_s']:.1f}s, {rec['epochs']} epochs)", flush=True)
 
-    def finish(self) -> None:
-        """After Tune returns: cells that never ran or never ended (an interrupted sweep) count as failed."""
+    def finish(self) -> int:
+        """After Tune returns: cells that never ran or never ended (an interrupted sweep) count as failed.
+        Returns how many there are (0 unless the sweep was interrupted)."""
         seen = {(r["row"], r["seed"]) for r in self.trials.values()}
         for rec in self.trials.values():
             if rec["status"] not in (OK, FAILED):
                 rec.update(status=FAILED, error="interrupted: the trial did not end")
                 self.tracker.end_run(rec["mlflow_run_id"], ok=False, error=rec["error"])
-        for t in self.plan.trials:
-            if (t.row, t.seed) not in seen:
-                self.trials[f"not-run-{t.row_index}-{t.seed}"] = _record(
-                    None, t.row, t.row_index, t.seed, t.config, status=FAILED,
+        for c in self.expected:
+            if (c.row, c.seed) not in seen:
+                self.trials[f"not-run-{c.row_index}-{c.seed}"] = _record(
+                    None, c.row, c.row_index, c.seed, c.config, status=FAILED,
                     error="not run: the sweep stopped before this trial started")
         self.flush()
+        return sum(r["status"] == FAILED and _interrupted(r["error"]) for r in self.trials.values())
+
+    def ended(self) -> list[dict[str, Any]]:
+        return [r for r in self.trials.values() if r["status"] in (OK, FAILED)]
 
     # --- outputs ---
     def flush(self) -> None:
         """Rewrite trials.parquet and epochs.parquet (atomically) with every trial that has ended."""
-        ended = [r for r in self.trials.values() if r["status"] in (OK, FAILED)]
+        ended = self.ended()
         ended_ids = {r["trial_id"] for r in ended}
-        results.write_parquet(self.run_dir / "trials.parquet", ended, results.TRIAL_COLUMNS, self.meta)
-        results.write_parquet(self.run_dir / "epochs.parquet",
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        results.write_parquet(self.out_dir / "trials.parquet", ended, results.TRIAL_COLUMNS, self.meta)
+        results.write_parquet(self.out_dir / "epochs.parquet",
                               [e for e in self.epochs if e["trial_id"] in ended_ids], results.EPOCH_COLUMNS, self.meta)
 
 
+def table_meta(plan: Plan, sweep_id: str) -> dict[str, Any]:
+    """The spec facts a table needs, stored in the Parquet files' metadata (rlseg-table reads them back)."""
+    s = plan.spec
+    return {"spec": s.name, "title": s.title, "paper": s.paper, "metric": s.metric.name, "mode": s.metric.mode,
+            "seeds": s.seeds, "rows": plan.table_rows(), "sweep_id": sweep_id}
+
+
+INTERRUPTED = ("interrupted:", "not run:")
+
+
+def _interrupted(error: str | None) -> bool:
+    return bool(error) and error.startswith(INTERRUPTED)
+
+
 def _trial_name(trial) -> str:
-    """Tune's name for a trial (dashboard, ray/ folder): row and seed, filesystem-safe."""
+    """Tune's name for a trial (dashboard, ray/ folder): row and seed (or `search`), filesystem-safe."""
     t = trial.config["trial"]
     return f"{re.sub(r'[^A-Za-z0-9]+', '_', t['row']).strip('_')}-seed{t['seed']}-{trial.trial_id}"
 
 
-def as_tune_callback(recorder: SweepRecorder):
+# Live recorders by Tune experiment name. Tune pickles its callbacks into the experiment (tuner.pkl) and a restored
+# Tuner gets those copies back, so a callback carries only this key and finds the recorder of this process.
+RECORDERS: dict[str, SweepRecorder] = {}
+
+
+def as_tune_callback(recorder: SweepRecorder, key: str):
     import ray.tune
 
+    from orchestrator import sweep   # by reference: the restored callback must see this process's RECORDERS
+
+    RECORDERS[key] = recorder
+
     class _Callback(ray.tune.Callback):
+        def __init__(self, key: str):
+            self.key = key
+
+        def _call(self, hook: str, *a, **k):
+            getattr(sweep.RECORDERS[self.key], hook)(*a, **k)
+
         def on_trial_start(self, *a, **k):
-            recorder.on_trial_start(*a, **k)
+            self._call("on_trial_start", *a, **k)
 
         def on_trial_result(self, *a, **k):
-            recorder.on_trial_result(*a, **k)
+            self._call("on_trial_result", *a, **k)
 
         def on_trial_complete(self, *a, **k):
-            recorder.on_trial_complete(*a, **k)
+            self._call("on_trial_complete", *a, **k)
 
         def on_trial_error(self, *a, **k):
-            recorder.on_trial_error(*a, **k)
+            self._call("on_trial_error", *a, **k)
 
-    return _Callback()
+    return _Callback(key)
 
 
 def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[Any, str, list[Path], list[Path]]:
@@ -200,7 +287,7 @@ def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[
     metric, rows = meta["metric"], meta["rows"]
     summary = tables.summarize(trials, metric, rows, mode=meta.get("mode", "max"))
     title = meta.get("title") or meta.get("spec")
-    md = tables.render_markdown(summary, metric, title=title)
+    md = tables.render_markdown(summary, metric, title=title, notes=meta.get("notes"))
     files = [run_dir / "table.md", run_dir / "table.csv", run_dir / "table.tex"]
     results.write_atomic(files[0], md + "\n")
     results.write_atomic(files[1], tables.render_csv(summary))
@@ -212,72 +299,162 @@ def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[
     return summary, md, files, plots
 
 
-def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max_concurrent: int | None = None,
-              verbose: int = 1) -> Outcome:
+@dataclass
+class Session:
+    """What the phases of one rlseg-sweep command share: Ray, the run folder, the MLflow parent run."""
+    run_dir: Path
+    tracker: tracking.Tracker
+    parent_run_id: str
+    sweep_id: str
+    git_sha: str | None
+    local_driver: bool      # trials hold a TRAIN_DRIVER unit instead of a CPU (a local Ray)
+    cpus: int
+    verbose: int
+
+    @property
+    def storage(self) -> str:
+        return str((self.run_dir / "ray").resolve())
+
+    def tune(self, trainable, param_space: dict[str, Any], recorder: SweepRecorder, *, name: str,
+             max_concurrent: int, **tune_config) -> Any:
+        """One Tuner.fit(); each trial holds trial_resources(); the recorder sees every trial. If this run folder
+        already holds the Tune experiment `name` (a resumed run), Tune's own restore continues it: finished
+        trials stay finished, interrupted ones continue from their last epoch checkpoint (train-<trial_id>)."""
+        import ray.tune
+
+        resources = ray.tune.with_resources(
+            trainable, lambda cfg: trial_resources(cfg["trial"]["config"], self.local_driver))
+        callback = as_tune_callback(recorder, name)
+        path = os.path.join(self.storage, name)
+        if ray.tune.Tuner.can_restore(path):
+            print(f"resuming the Tune experiment {path}", flush=True)
+            return ray.tune.Tuner.restore(path, resources, resume_unfinished=True, resume_errored=False,
+                                          restart_errored=False).fit()
+        tuner = ray.tune.Tuner(
+            resources,
+            param_space={**param_space, "storage_path": self.storage},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=False,
+                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                                            **tune_config),
+            run_config=ray.tune.RunConfig(name=name, storage_path=self.storage, verbose=max(0, self.verbose - 1),
+                                          callbacks=[callback]),
+        )
+        return tuner.fit()
+
+    def run_grid(self, plan: Plan, max_concurrent: int | None, *, tags: dict[str, str] | None = None,
+                 name: str = "tune", notes: list[str] | None = None) -> SweepRecorder:
+        """Every (row, seed) of `plan` as one Tune trial; trials.parquet etc. in the run folder. `notes`: lines
+        printed under the table."""
+        import ray.tune
+
+        concurrent = max_concurrent or default_max_concurrent(plan, self.cpus)
+        cells = [Cell(t.row, t.row_index, t.seed, t.config) for t in plan.trials]
+        recorder = SweepRecorder({**table_meta(plan, self.sweep_id), "notes": notes or []}, self.run_dir, self.tracker, self.sweep_id,
+                                 self.git_sha, total=len(cells), expected=cells, tags=tags,
+                                 progress=self.verbose > 0)
+        print(f"{plan.spec.name}: {len(plan.trials)} trials ({len(plan.rows)} rows x {len(plan.spec.seeds)} seeds), "
+              f"{concurrent} at a time -> {self.run_dir}", flush=True)
+        recorder.preload()
+        payloads = [{"row": t.row, "row_index": t.row_index, "seed": t.seed, "config": t.config} for t in plan.trials]
+        self.tune(run_trial, {"trial": ray.tune.grid_search(payloads)}, recorder, name=name,
+                  max_concurrent=concurrent)
+        recorder.interrupted = recorder.finish()
+        return recorder
+
+    def finish_table(self, recorder: SweepRecorder) -> tuple[Any, str]:
+        """Tables and plots from the run folder's Parquet, logged to the parent run; ends the parent run."""
+        trials_df, epochs_df, meta = results.read_run(self.run_dir)
+        summary, md, files, plots = render_tables(self.run_dir, trials_df, epochs_df, meta)
+        self.tracker.log_sweep_results(summary, files, plots)
+        return summary, md
+
+
+@contextmanager
+def session(name: str, resolved: dict[str, Any], *, results_root: Path, address: str | None,
+            driver_slots: int, verbose: int, tags: dict[str, str], params: dict[str, Any],
+            state: dict[str, Any], resume: Path | None = None):
+    """Start (or join) Ray, create the run folder and the MLflow parent run; shut down what was started.
+    `driver_slots`: how many trials may run at once on a local Ray (TRAIN_DRIVER units). `state`: what run.json
+    records for --resume (spec path, profile, overrides). `resume`: continue that run folder and its parent run."""
     import ray
-    import ray.tune
 
     # each ray.train.report waits up to this long for the controller's poll (default 2 s); must be
     # in the environment before ray.init so Ray's processes inherit it
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.pop("MLFLOW_RUN_ID", None)
-    run_dir = results.new_run_dir(results_root, plan.spec.name)
+    if resume is None:
+        run_dir = results.new_run_dir(results_root, name)
+        results.write_atomic(run_dir / "spec.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        results.update_state(run_dir, **state, phase=None)
+    else:
+        run_dir = resume
     sweep_id = run_dir.name
-    results.write_atomic(run_dir / "spec.resolved.yaml", yaml.safe_dump(plan.resolved(), sort_keys=False))
 
     started_ray = not ray.is_initialized()
     if started_ray:
         if address:
             ray.init(address=address, log_to_driver=verbose > 2)
         else:
-            cpus = os.cpu_count() or 1
-            ray.init(resources={DRIVER_RESOURCE: max_concurrent or default_max_concurrent(plan, cpus)},
-                     log_to_driver=verbose > 2)
+            ray.init(resources={DRIVER_RESOURCE: driver_slots}, log_to_driver=verbose > 2)
     try:
         cluster = ray.cluster_resources()
-        local_driver = cluster.get(DRIVER_RESOURCE, 0) >= 1
-        concurrent = max_concurrent or default_max_concurrent(plan, int(cluster.get("CPU", 1)))
         git = results.git_info()
         results.write_atomic(run_dir / "env.json", json.dumps(results.env_info(
-            {"ray_cluster_resources": cluster, "ray_address": address or "local", "max_concurrent": concurrent}),
-            indent=2, default=str))
-
+            {"ray_cluster_resources": cluster, "ray_address": address or "local"}), indent=2, default=str))
         uri = tracking.default_tracking_uri(results_root)
-        tracker = tracking.Tracker(uri, plan.spec.name, results_root / "mlartifacts")
-        parent = tracker.start_sweep(
-            run_name=sweep_id,
-            tags={"sweep_id": sweep_id, "spec": str(plan.path), "git_sha": git["git_sha"] or "unknown",
-                  "profile": plan.profile or "embedded", "results_dir": str(run_dir.resolve())},
-            params={"spec": plan.spec.name, "profile": plan.profile or "embedded", "seeds": plan.spec.seeds,
-                    "rows": [r.name for r in plan.rows], "overrides": plan.overrides, "metric": plan.spec.metric.name,
-                    "trials": len(plan.trials), "max_concurrent": concurrent})
-        recorder = SweepRecorder(plan, run_dir, tracker, sweep_id, git["git_sha"], progress=verbose > 0)
-        print(f"{plan.spec.name}: {len(plan.trials)} trials ({len(plan.rows)} rows x {len(plan.spec.seeds)} seeds), "
-              f"{concurrent} at a time -> {run_dir}", flush=True)
-        storage = str((run_dir / "ray").resolve())
-        payloads = [{"row": t.row, "row_index": t.row_index, "seed": t.seed, "config": t.config} for t in plan.trials]
-        tuner = ray.tune.Tuner(
-            ray.tune.with_resources(run_trial, lambda cfg: trial_resources(cfg["trial"]["config"], local_driver)),
-            param_space={"trial": ray.tune.grid_search(payloads), "storage_path": storage},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False,
-                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=ray.tune.RunConfig(name="tune", storage_path=storage, verbose=max(0, verbose - 1),
-                                          callbacks=[as_tune_callback(recorder)]),
-        )
+        tracker = tracking.Tracker(uri, name, results_root / "mlartifacts")
+        parent = results.read_state(run_dir).get("parent_run_id")
+        if parent:
+            tracker.resume_sweep(parent)
+        else:
+            parent = tracker.start_sweep(
+                run_name=sweep_id,
+                tags={"sweep_id": sweep_id, "git_sha": git["git_sha"] or "unknown",
+                      "results_dir": str(run_dir.resolve()), **tags},
+                params=params)
+            results.update_state(run_dir, parent_run_id=parent)
+        s = Session(run_dir=run_dir, tracker=tracker, parent_run_id=parent, sweep_id=sweep_id,
+                    git_sha=git["git_sha"], local_driver=cluster.get(DRIVER_RESOURCE, 0) >= 1,
+                    cpus=int(cluster.get("CPU", 1)), verbose=verbose)
         try:
-            tuner.fit()
+            yield s
         except BaseException:
             tracker.end_run(parent, ok=False, error="the sweep itself stopped with an exception")
             raise
-        recorder.finish()
-        trials_df, epochs_df, meta = results.read_run(run_dir)
-        summary, md, files, plots = render_tables(run_dir, trials_df, epochs_df, meta)
-        failed = [r for r in recorder.trials.values() if r["status"] != OK]
-        tracker.log_sweep_results(summary, files, plots)
-        tracker.client.set_tag(parent, "failed_trials", str(len(failed)))
-        tracker.end_run(parent, ok=not failed, error=f"{len(failed)} trial(s) failed" if failed else None)
-        return Outcome(run_dir=run_dir, summary=summary, markdown=md, failed=failed, tracking_uri=uri,
-                       parent_run_id=parent)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def end_parent(s: Session, failed: list[dict[str, Any]], interrupted: bool = False) -> None:
+    """End the parent run: FINISHED, FAILED (some trial failed) or KILLED (interrupted; --resume reopens it)."""
+    if interrupted:
+        s.tracker.end_run(s.parent_run_id, ok=False, killed=True)
+        return
+    s.tracker.client.set_tag(s.parent_run_id, "failed_trials", str(len(failed)))
+    s.tracker.end_run(s.parent_run_id, ok=not failed, error=f"{len(failed)} trial(s) failed" if failed else None)
+    results.update_state(s.run_dir, phase="done")
+
+
+def run_state(plan) -> dict[str, Any]:
+    """What run.json records so that `--resume` can rebuild the same plan."""
+    return {"spec_path": str(Path(plan.path).resolve()), "profile": plan.profile, "overrides": plan.overrides}
+
+
+def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max_concurrent: int | None = None,
+              verbose: int = 1, resume: Path | None = None) -> Outcome:
+    """An ablation: rows x seeds, then the table. `resume`: an unfinished run folder of this plan to continue."""
+    slots = max_concurrent or default_max_concurrent(plan, os.cpu_count() or 1)
+    profile = plan.profile or "embedded"
+    with session(plan.spec.name, plan.resolved(), results_root=results_root, address=address, driver_slots=slots,
+                 verbose=verbose, tags={"spec": str(plan.path), "profile": profile},
+                 params={"spec": plan.spec.name, "profile": profile, "seeds": plan.spec.seeds,
+                         "rows": [r.name for r in plan.rows], "overrides": plan.overrides,
+                         "metric": plan.spec.metric.name, "trials": len(plan.trials)},
+                 state={**run_state(plan), "kind": "ablation"}, resume=resume) as s:
+        recorder = s.run_grid(plan, max_concurrent)
+        summary, md = s.finish_table(recorder)
+        failed = [r for r in recorder.trials.values() if r["status"] != OK]
+        end_parent(s, failed, interrupted=recorder.interrupted > 0)
+        return Outcome(run_dir=s.run_dir, summary=summary, markdown=md, failed=failed, tracking_uri=s.tracker.uri,
+                       parent_run_id=s.parent_run_id, trials=len(plan.trials), interrupted=recorder.interrupted > 0)

@@ -145,8 +145,9 @@ def _cells(line) -> list[str]:
 
 
 def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None,
-                    reused: int | None = None) -> str:
-    """A GitHub pipe table, columns padded to equal width so it also reads well in a terminal."""
+                    reused: int | None = None, notes: list[str] | None = None) -> str:
+    """A GitHub pipe table, columns padded to equal width so it also reads well in a terminal; `notes` are
+    listed under it."""
     header = ["row", "n", f"{metric} (mean ± std)", f"Δ vs {_reference_name(summary)}",
               "p (Welch)", "paper", "failed"]
     body = [[str(line.row)] + _cells(line) for line in summary.itertuples(index=False)]
@@ -173,6 +174,8 @@ def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None
         out += [""] + [f"- {_escape_markdown(str(row))}: not run ({_escape_markdown(why)})" for row, why in pending]
     if reused is not None:
         out += ["", f"{reused} cell{'' if reused == 1 else 's'} reused from earlier runs"]
+    if notes:
+        out += [""] + [f"- {_escape_markdown(n)}" for n in notes]
     return "\n".join(out) + "\n"
 
 
@@ -240,7 +243,7 @@ def _pyplot():
 
 
 
-def _save_atomically(fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike) -> None:
     """Save to a temporary file beside `path`, then rename: a reader never sees a half-written PNG."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -287,7 +290,7 @@ def plot_curves(epochs: pd.DataFrame, metric: str, rows: list[dict], path: str |
         ax.grid(True, alpha=0.3)
         if rows:
             ax.legend(fontsize="small")
-        _save_atomically(fig, path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -331,6 +334,6 @@ def plot_bars(summary: pd.DataFrame, metric: str, path: str | os.PathLike) -> No
         ax.grid(True, axis="y", alpha=0.3)
         if len(x):
             ax.legend(fontsize="small")
-        _save_atomically(fig, path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)

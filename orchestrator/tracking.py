@@ -48,14 +48,14 @@ class Tracker:
     def start_sweep(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
-        self._log_params(self.parent_id, params)
+        self.log_params(self.parent_id, params)
         return self.parent_id
 
     def start_trial(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
         assert self.parent_id is not None
         run = self.client.create_run(self.experiment_id, run_name=run_name,
                                      tags={**tags, "mlflow.parentRunId": self.parent_id})
-        self._log_params(run.info.run_id, flatten(config))
+        self.log_params(run.info.run_id, flatten(config))
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -66,10 +66,15 @@ class Tracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
-    def end_run(self, run_id: str, ok: bool, error: str | None = None) -> None:
+    def resume_sweep(self, run_id: str) -> None:
+        """Reopen the parent run of an interrupted sweep (--resume): the same run collects the rest."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.parent_id = run_id
+
+    def end_run(self, run_id: str, ok: bool, error: str | None = None, killed: bool = False) -> None:
         if error:
             self.client.set_tag(run_id, "error", error[:5000])
-        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+        self.client.set_terminated(run_id, status="KILLED" if killed else "FINISHED" if ok else "FAILED")
 
     def log_sweep_results(self, summary, files: list[Path], plots: list[Path]) -> None:
         assert self.parent_id is not None
@@ -86,7 +91,7 @@ class Tracker:
             if not math.isnan(best.iloc[0]["mean"]):
                 self.client.log_metric(self.parent_id, "best/mean", float(best.iloc[0]["mean"]))
 
-    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]

@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 from orchestrator.cli import sweep_main
-from orchestrator.spec import SpecError, resolve
+from orchestrator.spec import SearchPlan, SpecError, resolve
 from trainers.overrides import OverrideError, apply_overrides, parse_assignments
 
 GOOD = textwrap.dedent("""
@@ -130,7 +130,8 @@ def test_shipped_specs_dry_run(capsys, repo):
         plan = resolve(spec)
         if plan.spec.profiles:   # each profile resolves too (the paper one: FCN-R50-D8 on VOC aug, SGD)
             for name in plan.spec.profiles:
-                assert resolve(spec, profile=name).rows
+                resolved = resolve(spec, profile=name)
+                assert resolved.params if isinstance(resolved, SearchPlan) else resolved.rows
 
 
 def test_paper_profile_is_the_papers_setting(repo):
