@@ -399,7 +399,8 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
     try:
         cluster = ray.cluster_resources()
         git = results.git_info()
-        results.write_atomic(run_dir / "env.json", json.dumps(results.env_info(
+        env_file = "env.json" if resume is None else "env.resumed.json"   # the first start's stays as it was
+        results.write_atomic(run_dir / env_file, json.dumps(results.env_info(
             {"ray_cluster_resources": cluster, "ray_address": address or "local"}), indent=2, default=str))
         uri = tracking.default_tracking_uri(results_root)
         tracker = tracking.Tracker(uri, name, results_root / "mlartifacts")
