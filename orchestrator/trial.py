@@ -4,6 +4,10 @@
 per-epoch metrics reach Tune through TuneReportCallback. `resources.workers == 0`: Ray's "local
 mode" does not work inside Tune (DESIGN.md), so the trial calls trainers.loop.fit in this process
 and reports with ray.tune.report / ray.tune.Checkpoint. The path taken is reported as `trial_path`.
+
+Fault tolerance: a TorchTrainer trial's workers are restarted up to `resources.max_failures` times
+(ray.train.FailureConfig), each attempt resuming from the latest epoch checkpoint; an in-process trial
+resumes from Tune's checkpoint when Tune restarts it (Tuner restore, or the Tuner's own FailureConfig).
 """
 from __future__ import annotations
 
@@ -63,19 +67,26 @@ def _torch_trainer(config: dict[str, Any], storage_path: str, trial_id: str) -> 
             storage_path=storage_path,
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # a failed worker group restarts from the latest checkpoint (train_worker reads it)
+            failure_config=ray.train.FailureConfig(max_failures=config["resources"]["max_failures"]),
         ),
     )
-    trainer.fit()  # raises TrainingFailedError if a worker raised: Tune records the trial as errored
+    trainer.fit()  # raises TrainingFailedError once max_failures retries failed too: Tune records the trial as errored
 
 
 def _in_process(config: dict[str, Any]) -> None:
     import ray.tune
 
-    from trainers.loop import fit, write_checkpoint
+    from trainers.loop import fit, read_checkpoint, write_checkpoint
 
     def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             write_checkpoint(d, state, rank=0)
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
 
-    fit(config, report)
+    state = None
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = read_checkpoint(d)
+    fit(config, report, state=state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from trainers.registry import DATASETS, DECODERS, ENCODERS, METHODS, load_all
 
@@ -88,6 +88,32 @@ class ResourcesConfig(Strict):
     # how Ray places the workers: pack = as few nodes as fit (fast collectives), spread = one per node where
     # it can (ScalingConfig placement_strategy PACK / SPREAD; both are best effort, as in Ray)
     placement: Literal["pack", "spread"] = "pack"
+    # how many times Ray Train restarts a trial's workers after one of them fails (raised, or its process died),
+    # each time from the trial's latest epoch checkpoint (ray.train.FailureConfig(max_failures)); 0 = fail at once.
+    # Any worker error counts, TrainingDiverged too (it re-diverges unless the cause was transient).
+    max_failures: int = Field(2, ge=0)
+
+
+class FaultConfig(Strict):
+    """Test-only fault injection: make one rank fail at step `step` (0-based) of epoch `epoch` (1-based).
+
+    kind: none (default) | raise (InjectedFaultError, an exception in the train loop) | exit (os._exit(1), as if
+    the worker process were killed; under Ray it first waits until Ray Train has taken the previous epoch's report,
+    so the retry starts from that checkpoint) | nan (that step's loss becomes NaN: TrainingDiverged at the epoch end).
+    It fires only in an attempt that started without a checkpoint (a fresh fit, or the first Ray Train attempt):
+    a retry resumes from the latest epoch checkpoint and runs on without it. So a fault in epoch e >= 2 fires once
+    and is retried from the epoch e-1 checkpoint; a fault in epoch 1 has no checkpoint before it and fires in every
+    attempt (a failure test, not a retry test).
+    """
+    kind: Literal["none", "raise", "exit", "nan"] = "none"
+    epoch: int = Field(1, ge=1)
+    step: int = Field(0, ge=0)
+    rank: int = Field(0, ge=0)
+
+
+class DebugConfig(Strict):
+    """Test-only hooks; the defaults change nothing."""
+    fault: FaultConfig = Field(default_factory=FaultConfig)
 
 
 class Config(Strict):
@@ -97,6 +123,7 @@ class Config(Strict):
     method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_config({"name": "supervised"}))
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -108,6 +135,17 @@ class Config(Strict):
         if not isinstance(v, dict):
             raise ValueError("expected a mapping with a method `name` (or a method name)")
         return _method_config(v)
+
+    @model_validator(mode="after")
+    def _fault_can_fire(self) -> "Config":
+        f = self.debug.fault
+        if f.kind != "none" and f.epoch > self.schedule.epochs:
+            raise ValueError(f"debug.fault.epoch: {f.epoch} is after the last epoch (schedule.epochs = "
+                             f"{self.schedule.epochs}), so the fault would never fire")
+        if f.kind != "none" and f.rank >= max(self.resources.workers, 1):
+            raise ValueError(f"debug.fault.rank: {f.rank} but there are only {max(self.resources.workers, 1)} "
+                             "rank(s) (resources.workers)")
+        return self
 
 
 def _method_config(v: dict) -> MethodConfig:

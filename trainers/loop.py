@@ -7,10 +7,17 @@ Both run `_train` with a Runtime that says how to place the model and the data a
 Data order is a function of (seed, epoch) (DistributedSampler with set_epoch), so a run resumed from
 an epoch checkpoint sees the same batches as one never interrupted.
 
-A checkpoint folder holds `state.pt` (rank 0's resumable state) and, from the final epoch,
+A checkpoint folder holds `state.pt` (rank 0's resumable state: epoch, model state with its buffers
+(BatchNorm stats, the EMA old policy, the reward baseline b), optimizer, LR schedule, RNG state),
+`rng/rank<r>.pt` (the RNG state of every other rank) and, from the final epoch,
 `ranks/rank<r>.json` from every rank (rank_record): which node it ran on, the train indices it drew
 and digests of its final weights, so a multi-worker run can show its ranks trained on disjoint shards
-and ended with identical parameters.
+and ended with identical parameters. RNG state = python `random`, numpy's global, torch's CPU generator
+and the current CUDA device's; no other generator exists (DistributedSampler seeds its own from
+(seed, epoch)), so a resumed epoch draws what the uninterrupted one drew.
+
+`debug.fault` (trainers.config.FaultConfig) injects a failure for fault-tolerance tests: it is checked
+with one int comparison per step and fires only in an attempt that started without a checkpoint.
 """
 from __future__ import annotations
 
@@ -39,11 +46,16 @@ Report = Callable[[dict[str, float], dict[str, Any]], None]
 CHECKPOINT_FILE = "state.pt"
 RANKS_DIR = "ranks"               # ranks/rank<r>.json in the final epoch's checkpoint
 RANK_RECORD = "rank_record"       # the key of the final epoch's state that carries this rank's record
+RNG_DIR = "rng"                   # rng/rank<r>.pt: ranks other than 0 (rank 0's is in state.pt)
 LIST_INDICES_UP_TO = 4096         # per epoch; larger shards keep only count + sha256
 
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class InjectedFaultError(RuntimeError):
+    """debug.fault.kind = raise: the failure a test asked for."""
 
 
 def seed_everything(seed: int) -> None:
@@ -82,6 +94,10 @@ class Runtime:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def exit_process(self) -> None:
+        """debug.fault.kind = exit: end this process at once, as a kill would (no cleanup, no exception)."""
+        os._exit(1)
+
 
 class RayTrainRuntime(Runtime):
     """A Ray Train worker: DDP via prepare_model, device placement via prepare_data_loader."""
@@ -105,22 +121,42 @@ class RayTrainRuntime(Runtime):
 
     def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
         """Train V2 copies every rank's checkpoint files into one folder (rank 0 names it), so rank 0
-        writes state.pt and each rank adds its own ranks/rank<r>.json in the final epoch."""
+        writes state.pt, every other rank its rng/rank<r>.pt, and each rank its ranks/rank<r>.json in
+        the final epoch."""
         import ray.train
-        if self.rank != 0 and RANK_RECORD not in state:
-            ray.train.report(metrics)
-            return
         with tempfile.TemporaryDirectory() as d:
             write_checkpoint(d, state, self.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    def exit_process(self) -> None:
+        """A report sits in this worker's queue (size 1) until the controller's next poll takes it, and a
+        worker that dies first loses it. The fault is meant to strike after the previous epoch's checkpoint
+        (debug.fault), so wait until Ray Train has taken every report (a private queue: if Ray moves it,
+        wait a few poll intervals instead), and a little longer for the poll's reply to leave."""
+        interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+        try:
+            from ray.train.v2._internal.execution.context import get_train_context
+            queue = get_train_context().get_result_queue()
+        except (ImportError, AttributeError):
+            time.sleep(5 * interval)
+        else:
+            deadline = time.monotonic() + 60
+            while not queue.empty() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(max(0.5, 2 * interval))
+        os._exit(1)
+
 
 def write_checkpoint(directory: str, state: dict[str, Any], rank: int) -> None:
     """One rank's files of an epoch checkpoint: state.pt from rank 0 (without the rank record, so it
-    stays what resume reads), ranks/rank<r>.json from every rank whose state carries a record."""
+    stays what resume reads), rng/rank<r>.pt from every other rank, ranks/rank<r>.json from every rank
+    whose state carries a record."""
     record = state.get(RANK_RECORD)
     if rank == 0:
         torch.save({k: v for k, v in state.items() if k != RANK_RECORD}, os.path.join(directory, CHECKPOINT_FILE))
+    else:
+        os.makedirs(os.path.join(directory, RNG_DIR), exist_ok=True)
+        torch.save(state["rng"], os.path.join(directory, RNG_DIR, f"rank{rank}.pt"))
     if record is not None:
         os.makedirs(os.path.join(directory, RANKS_DIR), exist_ok=True)
         with open(os.path.join(directory, RANKS_DIR, f"rank{rank}.json"), "w") as f:
@@ -183,8 +219,17 @@ def train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+            state = read_checkpoint(d, rt.rank)
     _train(cfg, rt, rt.report, state)
+
+
+def read_checkpoint(directory: str, rank: int = 0) -> dict[str, Any]:
+    """The state a rank resumes from: state.pt, with this rank's own RNG state where the folder has one."""
+    state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    own_rng = os.path.join(directory, RNG_DIR, f"rank{rank}.pt")
+    if rank != 0 and os.path.isfile(own_rng):
+        state["rng"] = torch.load(own_rng, map_location="cpu", weights_only=False)
+    return state
 
 
 def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict[str, float]:
@@ -211,8 +256,13 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
         model.load_checkpoint_state(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rng"], rt.device)
         start_epoch = state["epoch"]
+    fault = cfg.debug.fault
+    # debug.fault fires only in an attempt that started without a checkpoint (FaultConfig)
+    fault_armed = fault.kind != "none" and state is None and rt.rank == fault.rank
+    if fault_armed and fault.step >= len(train_loader):
+        raise ValueError(f"debug.fault.step: {fault.step} but an epoch has only {len(train_loader)} steps")
 
     ddp_model = rt.prepare_model(model)
     train_loader, val_loader = rt.prepare_loader(train_loader), rt.prepare_loader(val_loader)
@@ -224,29 +274,34 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
         drawn[epoch + 1] = list(sampler)[:len(train_loader) * bs]   # own generator: global RNG untouched
         model.on_epoch_start(epoch, cfg.schedule.epochs)
         metrics = {"epoch": epoch + 1}
-        metrics.update(train_one_epoch(ddp_model, model, train_loader, optimizer, lr_schedule, cfg, rt))
+        fault_step = fault.step if fault_armed and epoch + 1 == fault.epoch else -1
+        metrics.update(train_one_epoch(ddp_model, model, train_loader, optimizer, lr_schedule, cfg, rt, fault_step))
         if not math.isfinite(metrics["train/loss"]):
             raise TrainingDiverged(f"training loss became {metrics['train/loss']} in epoch {epoch + 1}")
         if (epoch + 1) % cfg.schedule.eval_every == 0 or epoch + 1 == cfg.schedule.epochs:
             metrics.update(evaluate(model, val_loader, class_names, rt))
         state = {"epoch": epoch + 1, "model": model.checkpoint_state(), "optimizer": optimizer.state_dict(),
-                 "lr_schedule": lr_schedule.state_dict(), "rng": _rng_state()}
+                 "lr_schedule": lr_schedule.state_dict(), "rng": _rng_state(rt.device)}
         if epoch + 1 == cfg.schedule.epochs:
             state[RANK_RECORD] = rank_record(rt, model, drawn, start_epoch)
         report(metrics, state)
     return metrics
 
 
-def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Config, rt: Runtime) -> dict[str, float]:
-    """One pass over this rank's shard. Sums stay on the device; one all-reduce and one sync at the end."""
+def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Config, rt: Runtime,
+                    fault_step: int = -1) -> dict[str, float]:
+    """One pass over this rank's shard. Sums stay on the device; one all-reduce and one sync at the end.
+    fault_step: the step (0-based) at which debug.fault strikes in this epoch on this rank, -1 for none."""
     ddp_model.train()
     sums: dict[str, torch.Tensor] = {}
     n_batches = n_images = 0
     t0 = time.perf_counter()
-    for images, masks in loader:
+    for step, (images, masks) in enumerate(loader):
         images = images.to(rt.device, non_blocking=True)
         masks = masks.to(rt.device, non_blocking=True)
         out = ddp_model(images, masks)
+        if step == fault_step:
+            out["loss"] = inject_fault(cfg.debug.fault, rt, out["loss"])
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if cfg.schedule.grad_clip:
@@ -269,6 +324,17 @@ def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Confi
     out["train/lr"] = optimizer.param_groups[0]["lr"]
     out["time/epoch_s"] = elapsed
     return out
+
+
+def inject_fault(fault, rt: Runtime, loss: torch.Tensor) -> torch.Tensor:
+    """debug.fault strikes: raise, end the process, or return a NaN loss (TrainingDiverged at the epoch end)."""
+    where = f"epoch {fault.epoch} step {fault.step} on rank {rt.rank}"
+    if fault.kind == "raise":
+        raise InjectedFaultError(f"debug.fault: injected failure in {where}")
+    if fault.kind == "exit":
+        print(f"debug.fault: ending the worker process in {where}", file=sys.stderr, flush=True)
+        rt.exit_process()
+    return loss * float("nan")
 
 
 @torch.no_grad()
@@ -307,19 +373,21 @@ def build_lr_schedule(sched, optimizer, total_steps: int) -> torch.optim.lr_sche
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator this rank draws from. CUDA: only this rank's device (a restarted worker may be given
+    another GPU, or see a different number of them)."""
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
-def _set_rng_state(st: dict[str, Any]) -> None:
+def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if device.type == "cuda" and isinstance(st.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(st["cuda"], device)
 
 
 def main(argv: list[str] | None = None) -> int:
