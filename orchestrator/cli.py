@@ -13,7 +13,9 @@ EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit 2, like every other input error
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: command line: {message} (see --help)\n")
+        from orchestrator.spec import one_line   # an argument may hold a newline; show it escaped
+
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: command line: {one_line(message)} (see --help)\n")
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,9 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (e.g. auto or ray://head:10001); default: a local Ray")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
     p.add_argument("--results-dir", default="results", help="results root (default: ./results)")
+    p.add_argument("--rerun", action="store_true",
+                   help="train every cell, even those that finished in an earlier run of this spec with the same "
+                        "config, seed and code version (by default those are reused)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue an interrupted run of this spec (default: its newest unfinished run folder) "
                         "with its own profile and overrides; finished trials are not run again")
@@ -75,7 +80,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
     else:
         from orchestrator.sweep import run_sweep as run
     out = run(plan, results_root=Path(args.results_dir), address=args.address,
-              max_concurrent=args.max_concurrent, verbose=1 + args.verbose, resume=resume)
+              max_concurrent=args.max_concurrent, verbose=1 + args.verbose, resume=resume, reuse=not args.rerun)
     if out.interrupted:
         print(f"\ninterrupted; what finished is kept in {out.run_dir}. Continue with:\n"
               f"  rlseg-sweep {args.spec} --resume {out.run_dir} --results-dir {args.results_dir}", file=sys.stderr)
@@ -83,8 +88,11 @@ def sweep_main(argv: list[str] | None = None) -> int:
     print()
     print(out.markdown)
     print()
-    print(f"results: {out.run_dir}")
-    print(f"mlflow:  {ui_command(out.tracking_uri)}")
+    print(f"results: {out.run_dir}   (rerun one cell exactly: rlseg-rerun {out.run_dir} ROW SEED)")
+    if out.tracking_offline:
+        print(f"mlflow:  {out.tracking_uri} was unreachable; log this run there later with: rlseg-sync {out.run_dir}")
+    else:
+        print(f"mlflow:  {ui_command(out.tracking_uri)}")
     if out.failed:
         print(f"\n{len(out.failed)} of {out.trials} trials failed:", file=sys.stderr)
         for r in out.failed:
@@ -104,28 +112,52 @@ def _resumable(args):
         raise SpecError("command line: --resume takes the run's own --profile and overrides; give neither")
     name = load_spec(args.spec).name
     if args.resume == "latest":
-        runs = results.unfinished_runs(Path(args.results_dir), name)
+        try:
+            runs = results.unfinished_runs(Path(args.results_dir), name)
+        except (OSError, ValueError, AttributeError) as e:   # a damaged run.json: not JSON, not UTF-8, not a mapping
+            raise SpecError(f"command line: --resume: a run folder under {args.results_dir}/{name}/ cannot be read "
+                            f"({e.__class__.__name__}: {e})") from None
         if not runs:
             raise SpecError(f"command line: --resume: no unfinished run of {name!r} under {args.results_dir}/{name}/")
         run_dir = runs[0]
     else:
         run_dir = Path(args.resume)
-    state = results.read_state(run_dir)
+    state = _run_file(run_dir, results.RUN_STATE, results.read_state)
     if not state:
         raise SpecError(f"command line: --resume: {run_dir} is not a run folder of rlseg-sweep (no run.json)")
+    profile, overrides = (state.get("profile"), state.get("overrides") or []) if isinstance(state, dict) else (0, 0)
+    if not (isinstance(profile, (str, type(None))) and isinstance(overrides, list)
+            and all(isinstance(o, str) for o in overrides)):
+        raise SpecError(f"command line: --resume: {run_dir / results.RUN_STATE}: not as rlseg-sweep writes it "
+                        f"(a mapping with a profile name and a list of overrides)")
     if state.get("phase") == "done":
         raise SpecError(f"command line: --resume: {run_dir} finished; nothing to resume (rlseg-table re-renders it)")
-    plan = resolve(args.spec, profile=state.get("profile"), overrides=state.get("overrides") or [])
+    plan = resolve(args.spec, profile=profile, overrides=overrides)
     def what(resolved: dict) -> dict:   # everything but the paths as typed (a resume may run from another folder)
         return {k: v for k, v in resolved.items() if k not in ("spec_path", "space_path")}
 
-    before = yaml.safe_load((run_dir / "spec.resolved.yaml").read_text())
-    if before["spec"]["name"] != name:
-        raise SpecError(f"command line: --resume: {run_dir} is a run of {before['spec']['name']!r}, not {name!r}")
+    before = _run_file(run_dir, "spec.resolved.yaml", lambda d: yaml.safe_load((d / "spec.resolved.yaml").read_text()))
+    if not (isinstance(before, dict) and isinstance(before.get("spec"), dict)):
+        raise SpecError(f"command line: --resume: {run_dir / 'spec.resolved.yaml'}: not as rlseg-sweep writes it")
+    if before["spec"].get("name") != name:
+        raise SpecError(f"command line: --resume: {run_dir} is a run of {before['spec'].get('name')!r}, not {name!r}")
     if what(before) != what(yaml.safe_load(yaml.safe_dump(plan.resolved(), sort_keys=False))):
         raise SpecError(f"{args.spec}: the spec (or a preset it uses) changed since {run_dir} started; "
                         f"resuming would mix two configurations (start a new run instead)")
     return run_dir, plan
+
+
+def _run_file(run_dir: Path, name: str, read):
+    """read(run_dir), with a missing or damaged file of the run folder as a SpecError (one line)."""
+    import yaml
+
+    from orchestrator.spec import SpecError
+
+    try:
+        return read(run_dir)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise SpecError(f"command line: --resume: {run_dir / name} cannot be read ({e.__class__.__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
 
 def table_main(argv: list[str] | None = None) -> int:

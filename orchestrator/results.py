@@ -9,6 +9,7 @@ killed at any moment leaves whole files or none.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 META_KEY = b"rlseg"
 TRIAL_COLUMNS = ["trial_id", "row", "row_index", "seed", "status", "error", "trial_path", "mlflow_run_id",
-                 "epochs", "wall_s", "config_json"]
+                 "epochs", "wall_s", "cell_key", "reused", "source_run", "config_json"]
 EPOCH_COLUMNS = ["trial_id", "row", "row_index", "seed", "epoch"]
 PACKAGES = ["torch", "torchvision", "ray", "mlflow", "optuna", "open_clip_torch", "timm", "pyarrow", "pydantic",
             "numpy", "rlseg"]
@@ -79,6 +80,54 @@ def read_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     return table.to_pandas(), epochs, meta
 
 
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """sha256 of the installed trainers code (every .py, preset and model config under trainers/) and the torch
+    and ray versions: what decides a cell's result besides its config and seed."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        import ray
+        import torch
+
+        import trainers
+
+        root = Path(trainers.__file__).resolve().parent
+        h = hashlib.sha256(f"torch {torch.__version__} ray {ray.__version__}".encode())
+        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml", ".json") and p.is_file()):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+        _CODE_VERSION = h.hexdigest()[:16]
+    return _CODE_VERSION
+
+
+def cell_key(config: dict[str, Any]) -> str:
+    """A cell is (resolved trial config, seed) under one code version: its content hash (the seed is in config)."""
+    payload = json.dumps({"config": config, "code": code_version()}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def finished_cells(spec_dir: Path, exclude: Path | None = None) -> dict[str, tuple[Path, dict[str, Any], list[dict]]]:
+    """The index of finished cells of a spec: every ok trial with a cell_key in the run folders under
+    results/<spec>/ (their trials.parquet are the index), newest run first -> {cell_key: (run_dir, record, epochs)}."""
+    found: dict[str, tuple[Path, dict[str, Any], list[dict]]] = {}
+    runs = sorted((p for p in spec_dir.iterdir() if p.is_dir()), reverse=True) if spec_dir.is_dir() else []
+    for run in runs:
+        if exclude is not None and run.resolve() == exclude.resolve() or not (run / "trials.parquet").is_file():
+            continue
+        try:
+            trials, epochs, _ = read_run(run)
+        except (OSError, ValueError):   # a folder being written right now, or not ours
+            continue
+        if "cell_key" not in trials.columns:
+            continue
+        eps = records(epochs)
+        for rec in records(trials[trials["status"] == "ok"]):
+            if rec["cell_key"] and rec["cell_key"] not in found:
+                found[rec["cell_key"]] = (run, rec, [e for e in eps if e["trial_id"] == rec["trial_id"]])
+    return found
+
+
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """DataFrame rows as plain dicts, missing values as None (what the recorder keeps in memory)."""
     return [{k: _native(v) for k, v in row.items()} for row in df.to_dict("records")]
@@ -125,7 +174,10 @@ def git_info(cwd: Path | None = None) -> dict[str, Any]:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
     sha = git("rev-parse", "HEAD")
-    return {"git_sha": sha, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
+    diff = git("diff", "HEAD") if dirty else None
+    return {"git_sha": sha, "git_dirty": dirty,
+            "git_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None}
 
 
 def env_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -142,5 +194,11 @@ def env_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "packages": versions, **git_info(Path(__file__).resolve().parent), "argv": sys.argv,
+        "code_version": code_version(),
+        "determinism": {"torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                        "note": "seeded (python, numpy, torch); data order from (seed, epoch); CPU runs repeat "
+                                "exactly, GPU runs up to non-deterministic kernels"},
         **(extra or {}),
     }

@@ -115,7 +115,8 @@ def _save_optuna_plots(run_dir: Path, study_name: str) -> tuple[list[Path], list
 
 
 def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = None,
-               max_concurrent: int | None = None, verbose: int = 1, resume: Path | None = None) -> Outcome:
+               max_concurrent: int | None = None, verbose: int = 1, resume: Path | None = None,
+               reuse: bool = True) -> Outcome:
     """Search, then confirm. `resume`: an unfinished run folder of this plan; a finished search phase is not
     rerun, an interrupted one continues through Tune's restore (with the searcher's state and the same study)."""
     spec = plan.spec
@@ -149,14 +150,15 @@ def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = No
                            failed=state["search_failed"], tracking_uri=s.tracker.uri, parent_run_id=s.parent_run_id,
                            trials=spec.num_samples)
         confirm = plan.confirm_plan([(name, values) for name, values in state["picks"]])
-        grid = s.run_grid(confirm, max_concurrent, tags={"phase": "confirm"}, name="confirm", notes=state["notes"])
+        grid = s.run_grid(confirm, max_concurrent, tags={"phase": "confirm"}, name="confirm", notes=state["notes"],
+                          reuse=reuse)
         interrupted = grid.interrupted > 0
         summary, md = s.finish_table(grid)
         failed = state["search_failed"] + [r for r in grid.trials.values() if r["status"] != OK]
         end_parent(s, failed, interrupted=interrupted)
         return Outcome(run_dir=s.run_dir, summary=summary, markdown=md, failed=failed, tracking_uri=s.tracker.uri,
                        parent_run_id=s.parent_run_id, trials=spec.num_samples + len(confirm.trials),
-                       interrupted=interrupted)
+                       interrupted=interrupted, tracking_offline=s.tracker.offline)
 
 
 def _search_phase(s: Session, plan: SearchPlan, max_concurrent: int | None) -> SweepRecorder:

@@ -6,21 +6,36 @@ key path and what was expected; nothing runs and nothing is written before all r
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trainers.config import Config, flatten
-from trainers.overrides import OverrideError, apply_overrides, parse_assignments
+from trainers.overrides import OverrideError, apply_overrides, load_yaml, parse_assignments
 from trainers.registry import METHODS, load_all
 
 
 class SpecError(Exception):
-    """A bad spec, preset or override. str() is the one line shown to the user."""
+    """A bad spec, preset or override. str() is the one line shown to the user: characters that would break the
+    line or hide in it (newlines, NUL, bidi overrides) are shown escaped, as in a Python string (\\n, \\x00, \\u202e)."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+def one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# Seeds and counts reach torch, numpy and Parquet as 64-bit integers; the TPE sampler's seed is numpy's (32 bits).
+INT64_MAX = 2**63 - 1
+Seed = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -35,8 +50,8 @@ class MetricSpec(_Strict):
 class RowSpec(_Strict):
     name: str = Field(min_length=1)
     set: dict[str, Any] = Field(default_factory=dict)   # dotted-key overrides of the base config
-    paper: float | None = None                          # the paper's number for this row, if any
-    paper_std: float | None = Field(None, ge=0)         # and its std over seeds, where the paper gives one
+    paper: FiniteFloat | None = None                    # the paper's number for this row, if any
+    paper_std: FiniteFloat | None = Field(None, ge=0)   # and its std over seeds, where the paper gives one
     note: str | None = None
     # Why this row may not run yet (e.g. its backbone is not implemented). If its `set` does not resolve, the row
     # stays in the dry-run and the table (with the paper's number and the resolution error) and runs no trials;
@@ -44,7 +59,7 @@ class RowSpec(_Strict):
     pending: str | None = Field(None, min_length=1)
 
 
-def _distinct_seeds(v: list[int]) -> list[int]:
+def _distinct_seeds(v: list[Seed]) -> list[Seed]:
     if len(set(v)) != len(v):
         raise ValueError("seeds must be distinct")
     return v
@@ -62,7 +77,7 @@ class _SpecBase(_Strict):
 
 class Spec(_SpecBase):
     """An ablation: rows x seeds."""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     rows: list[RowSpec] = Field(min_length=1)
 
     _unique_seeds = field_validator("seeds")(_distinct_seeds)
@@ -80,21 +95,21 @@ class Spec(_SpecBase):
 class SamplerSpec(_Strict):
     """Optuna's TPE sampler, seeded: the same spec proposes the same configs (up to trial completion order)."""
     kind: Literal["tpe"] = "tpe"
-    seed: int = 0
-    n_startup_trials: int = Field(4, ge=1)     # random proposals before TPE models the results
+    seed: int = Field(0, ge=0, le=2**32 - 1)    # optuna's TPESampler takes numpy's 32-bit seeds
+    n_startup_trials: int = Field(4, ge=1, le=INT64_MAX)     # random proposals before TPE models the results
 
 
 class SchedulerSpec(_Strict):
     """Early stopping of search trials: ASHA over epochs (Tune's ASHAScheduler), or none."""
     kind: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(2, ge=1)          # epochs every trial runs before the first rung
-    reduction_factor: float = Field(2.0, gt=1)  # 1/reduction_factor of the trials go on at each rung
+    grace_period: int = Field(2, ge=1, le=INT64_MAX)   # epochs every trial runs before the first rung
+    reduction_factor: FiniteFloat = Field(2.0, gt=1)  # 1/reduction_factor of the trials go on at each rung
 
 
 class ConfirmSpec(_Strict):
     """The top_k search configs (and the base config) rerun over these seeds: an ablation table."""
-    top_k: int = Field(2, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    top_k: int = Field(2, ge=1, le=INT64_MAX)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
 
     _unique_seeds = field_validator("seeds")(_distinct_seeds)
 
@@ -102,8 +117,9 @@ class ConfirmSpec(_Strict):
 class SearchSpec(_SpecBase):
     """An Optuna search over a space (search_spaces/*.yaml), then a confirmation of the best configs over seeds."""
     search: str = Field(min_length=1)           # the search space file (relative to the spec, its parent, or CWD)
-    num_samples: int = Field(16, ge=1)          # search trials
-    trial_seed: int = 0                         # the training seed of every search trial
+    num_samples: int = Field(16, ge=1, le=100_000)   # search trials (the bound: far beyond any budget, and the
+                                                     # dry run and the searcher hold one config per trial)
+    trial_seed: Seed = 0                        # the training seed of every search trial
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
@@ -222,12 +238,15 @@ def read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: cannot be read ({e.__class__.__name__}: {e})") from None
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        return load_yaml(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{path}: not valid YAML: {where}{problem}") from None
+        raise SpecError(f"{path}: not valid YAML: {where}{e.problem or type(e).__name__}") from None
+    except yaml.reader.ReaderError as e:     # a character YAML does not allow (NUL, most control characters)
+        raise SpecError(f"{path}: not valid YAML: character {e.position + 1}: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:              # load_yaml's checks of the whole tree: 'key.path: nested more than ...'
+        raise SpecError(f"{path}: {e}") from None
 
 
 def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Spec | SearchSpec:
@@ -256,9 +275,9 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str, spec_path: Path, key: str = "base") -> dict[str, Any]:
-    f = resources.files("trainers.presets") / f"{name}.yaml"
-    if not f.is_file():
+    if name not in preset_names():     # a name, not a path: `../x` or a 5000-character name is no preset either
         raise SpecError(f"{spec_path}: {key}: no preset {name!r}; presets: {', '.join(preset_names())}")
+    f = resources.files("trainers.presets") / f"{name}.yaml"
     tree = read_yaml(Path(str(f))) or {}
     if not isinstance(tree, dict):
         raise SpecError(f"{f}: expected a mapping of config keys")
@@ -316,7 +335,7 @@ def plan_rows(spec: Spec, path: Path, profile: str | None, overrides: list[str],
             if not row.pending:
                 raise
             pending.append(PendingRow(index=i, name=row.name, paper=row.paper, paper_std=row.paper_std,
-                                      reason=row.pending, error=str(e).removeprefix(where + ": "), set=row.set))
+                                      reason=row.pending, error=str(e).removeprefix(one_line(where) + ": "), set=row.set))
             continue
         flat = flatten(cfg)
         changes = {k: v for k, v in flat.items() if base_flat.get(k, object()) != v}
@@ -385,8 +404,11 @@ def _find_space(name: str, spec_path: Path) -> Path:
     p = Path(name)
     candidates = [p] if p.is_absolute() else [spec_path.parent / p, spec_path.parent.parent / p, Path.cwd() / p]
     for c in candidates:
-        if c.is_file():
-            return c
+        try:
+            if c.is_file():
+                return c
+        except OSError:          # e.g. a name too long for the file system: no such file either
+            continue
     raise SpecError(f"{spec_path}: search: no search space file {name!r} (looked in "
                     f"{', '.join(str(c.parent) for c in candidates)})")
 
@@ -400,14 +422,18 @@ def load_space(path: Path, base: dict[str, Any]) -> list[SearchParam]:
     raw = read_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict) or not raw["params"]:
         raise SpecError(f"{path}: expected a mapping with a non-empty `params:` (config path -> distribution)")
-    extra = sorted(set(raw) - set(SPACE_KEYS))
+    extra = sorted(set(raw) - set(SPACE_KEYS), key=str)
     if extra:
         raise SpecError(f"{path}: {extra[0]}: unknown key (expected one of: {', '.join(SPACE_KEYS)})")
+    for key in raw["params"]:
+        if not isinstance(key, str) or not all(key.split(".")):
+            raise SpecError(f"{path}: params: {key!r}: expected a config path (a dotted key, e.g. "
+                            f"method.policy.ema_eta)")
     method = base["method"]["name"]
     if raw.get("method") is not None and raw["method"] != method:
         raise SpecError(f"{path}: method: this space is for {raw['method']!r}, but the spec's base config trains "
                         f"{method!r}")
-    params = [_parse_distribution(path, str(key), dist) for key, dist in raw["params"].items()]
+    params = [_parse_distribution(path, key, dist) for key, dist in raw["params"].items()]
     keys = [p.key for p in params]
     for a in keys:
         for b in keys:
@@ -424,7 +450,10 @@ def load_space(path: Path, base: dict[str, Any]) -> list[SearchParam]:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    """A finite float, or an int that fits in 64 bits (a larger one overflows the float maths of the bounds)."""
+    if isinstance(v, bool):
+        return False
+    return (isinstance(v, float) and math.isfinite(v)) or (isinstance(v, int) and -2**63 <= v < 2**63)
 
 
 def _parse_distribution(path: Path, key: str, dist: Any) -> SearchParam:
@@ -433,7 +462,7 @@ def _parse_distribution(path: Path, key: str, dist: Any) -> SearchParam:
         raise SpecError(f"{where}: expected one of {{uniform: [a, b]}}, {{loguniform: [a, b]}}, {{int: [a, b]}}, "
                         f"{{choice: [...]}}; got {dist!r}")
     kind = next(k for k in DISTRIBUTIONS if k in dist)
-    extra = sorted(set(dist) - {kind} - ({"step"} if kind == "int" else set()))
+    extra = sorted(set(dist) - {kind} - ({"step"} if kind == "int" else set()), key=str)
     if extra:
         raise SpecError(f"{where}: {extra[0]}: unknown key (a {kind} distribution takes "
                         f"{'[a, b] and an optional step' if kind == 'int' else 'only its values'})")
@@ -447,7 +476,7 @@ def _parse_distribution(path: Path, key: str, dist: Any) -> SearchParam:
             raise SpecError(f"{where}: choice: values must be distinct; got {arg!r}")
         return SearchParam(key=key, kind=kind, choices=list(arg))
     if not isinstance(arg, list) or len(arg) != 2 or not all(_number(v) for v in arg):
-        raise SpecError(f"{where}: {kind}: expected [low, high], two finite numbers; got {arg!r}")
+        raise SpecError(f"{where}: {kind}: expected [low, high], two finite numbers (whole ones within 64 bits); got {arg!r}")
     low, high = arg
     if not low < high:
         raise SpecError(f"{where}: {kind}: expected low < high; got [{low}, {high}]")
@@ -471,9 +500,29 @@ def _apply_and_validate(tree: dict, assignments, where: str) -> dict[str, Any]:
     except OverrideError as e:
         raise SpecError(f"{where}: {e}") from None
     try:
-        return Config.model_validate(tree).model_dump(mode="json")
+        config = Config.model_validate(tree).model_dump(mode="json")
     except ValidationError as e:
         raise SpecError(f"{where}: {describe(e, Config, tree)}") from None
+    problem = _number_problem(config)
+    if problem:
+        raise SpecError(f"{where}: {problem}")
+    return config
+
+
+def _number_problem(tree: Any, where: str = "") -> str | None:
+    """'key.path: expected ...' for the first number a trial cannot use: NaN or infinite (a loss, a learning rate
+    or a weight of inf trains to NaN), or an integer beyond 64 bits (torch, numpy and Parquet overflow)."""
+    if isinstance(tree, dict):
+        items = [(f"{where}.{k}" if where else str(k), v) for k, v in tree.items()]
+    elif isinstance(tree, list):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(tree)]
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        return f"{where}: expected a finite number, got {tree}"
+    elif isinstance(tree, int) and not isinstance(tree, bool) and not -2**63 <= tree < 2**63:
+        return f"{where}: expected a whole number within 64 bits (-2**63 <= n < 2**63), got {tree}"
+    else:
+        return None
+    return next((p for p in (_number_problem(v, k) for k, v in items) if p), None)
 
 
 def describe(err: ValidationError, model: type[BaseModel], tree: dict | None = None) -> str:
@@ -482,6 +531,9 @@ def describe(err: ValidationError, model: type[BaseModel], tree: dict | None = N
     first = errors[0]
     loc = list(first["loc"])
     msg = first["msg"]
+    if loc[-2:-1] and loc[-1] == "[key]":     # pydantic's location of a bad mapping key: (..., key, "[key]")
+        msg = f"key {loc[-2]!r}: {msg}"
+        loc = loc[:-2]
     if first["type"] == "extra_forbidden":
         known = _known_keys(model, loc[:-1], tree)
         msg = "unknown key" + (f" (expected one of: {', '.join(known)})" if known else "")
@@ -509,8 +561,9 @@ def _known_keys(model: type[BaseModel], loc: list, tree: dict | None) -> list[st
             return []
         if node is Config and part == "method":
             load_all()
-            name = sub.get("method", {}).get("name", "supervised") if isinstance(sub, dict) else "supervised"
-            node = METHODS.get(name).config if name in METHODS else None
+            method = sub.get("method") if isinstance(sub, dict) else None
+            name = method.get("name", "supervised") if isinstance(method, dict) else method or "supervised"
+            node = METHODS.get(name).config if isinstance(name, str) and name in METHODS else None
         else:
             field_info = node.model_fields.get(part)
             node = getattr(field_info, "annotation", None)

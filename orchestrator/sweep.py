@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Outcome:
     parent_run_id: str
     trials: int             # how many trials the command ran (or meant to)
     interrupted: bool = False   # stopped (Ctrl-C) before every trial ended: `--resume` continues it
+    tracking_offline: bool = False   # MLflow could not be reached (at some point): rlseg-sync fills it in later
 
 
 def trial_resources(config: dict[str, Any], local_driver_resource: bool) -> dict[str, float]:
@@ -71,7 +73,13 @@ def error_line(text: str | None) -> str:
     # Ray wraps the worker's exception several times; the innermost (last) one is the cause
     inner = [m for m in found if m.group(1) not in ("TrainingFailedError", "RayTaskError", "TuneError")]
     m = (inner or found or [None])[-1]
-    return f"{m.group(1)}: {m.group(2)}" if m else lines[-1][:500]
+    if not m:
+        return lines[-1][:500]
+    message = m.group(2)
+    if message.endswith(":"):   # e.g. "WorkerGroupError: Training failed due to worker errors:" + the cause below
+        after = lines[lines.index(m.group(0)) + 1:] if m.group(0) in lines else []
+        message = f"{message} {after[0]}" if after else message
+    return f"{m.group(1)}: {message}"[:1000]
 
 
 def _error_text(trial) -> str | None:
@@ -88,6 +96,8 @@ def _record(trial_id: str | None, row: str, row_index: int, seed: int, config: d
     """A trials.parquet row before any epoch arrived (metrics are added as they are reported)."""
     return {"trial_id": trial_id, "row": row, "row_index": row_index, "seed": seed, "status": status, "error": error,
             "trial_path": trial_path(config), "mlflow_run_id": mlflow_run_id, "epochs": 0, "wall_s": None,
+            "cell_key": results.cell_key(config), "code_version": results.code_version(), "reused": False,
+            "source_run": None, "device": "cuda" if config["resources"]["gpus_per_worker"] > 0 else "cpu",
             "config_json": json.dumps(config, sort_keys=True)}
 
 
@@ -214,13 +224,32 @@ class SweepRecorder:
         self.flush()
         return sum(r["status"] == FAILED and _interrupted(r["error"]) for r in self.trials.values())
 
+    def adopt(self, cell: Cell, source_run: Path, source: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
+        """A cell finished in an earlier run of this spec (same cell key): recorded as reused, not trained. Its
+        MLflow run here only links to the source run (tags), the metrics stay there."""
+        run_id = self.tracker.start_trial(
+            run_name=f"{cell.row} | seed {cell.seed} (reused)", config=cell.config,
+            tags={"row": cell.row, "row_index": str(cell.row_index), "seed": str(cell.seed), "sweep_id": self.sweep_id,
+                  "trial_id": source["trial_id"], "reused": "true", "source_run": source_run.name,
+                  "source_mlflow_run_id": source.get("mlflow_run_id") or "", **self.tags})
+        self.tracker.end_run(run_id, ok=True)
+        rec = {**source, **cell.extra, "row": cell.row, "row_index": cell.row_index, "seed": cell.seed,
+               "reused": True, "source_run": source_run.name, "mlflow_run_id": run_id}
+        self.trials[rec["trial_id"]] = rec
+        self.resumed.add(rec["trial_id"])
+        self.epochs += [{**e, "row": cell.row, "row_index": cell.row_index} for e in epochs]
+
     def ended(self) -> list[dict[str, Any]]:
         return [r for r in self.trials.values() if r["status"] in (OK, FAILED)]
 
     # --- outputs ---
     def flush(self) -> None:
         """Rewrite trials.parquet and epochs.parquet (atomically) with every trial that has ended."""
+        from orchestrator.rerun import rerun_command
+
         ended = self.ended()
+        for rec in ended:   # the manifest's one line that retrains this cell exactly
+            rec["rerun_command"] = rerun_command(self.out_dir.resolve(), rec["row"], int(rec["seed"]))
         ended_ids = {r["trial_id"] for r in ended}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         results.write_parquet(self.out_dir / "trials.parquet", ended, results.TRIAL_COLUMNS, self.meta)
@@ -287,7 +316,8 @@ def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[
     metric, rows = meta["metric"], meta["rows"]
     summary = tables.summarize(trials, metric, rows, mode=meta.get("mode", "max"))
     title = meta.get("title") or meta.get("spec")
-    md = tables.render_markdown(summary, metric, title=title, notes=meta.get("notes"))
+    md = tables.render_markdown(summary, metric, title=title, notes=meta.get("notes"),
+                                reused=meta.get("reused") or None)
     files = [run_dir / "table.md", run_dir / "table.csv", run_dir / "table.tex"]
     results.write_atomic(files[0], md + "\n")
     results.write_atomic(files[1], tables.render_csv(summary))
@@ -310,6 +340,7 @@ class Session:
     local_driver: bool      # trials hold a TRAIN_DRIVER unit instead of a CPU (a local Ray)
     cpus: int
     verbose: int
+    results_root: Path
 
     @property
     def storage(self) -> str:
@@ -322,8 +353,9 @@ class Session:
         trials stay finished, interrupted ones continue from their last epoch checkpoint (train-<trial_id>)."""
         import ray.tune
 
+        local_driver = self.local_driver      # not self: Tune pickles this function with the trainable
         resources = ray.tune.with_resources(
-            trainable, lambda cfg: trial_resources(cfg["trial"]["config"], self.local_driver))
+            trainable, lambda cfg: trial_resources(cfg["trial"]["config"], local_driver))
         callback = as_tune_callback(recorder, name)
         path = os.path.join(self.storage, name)
         if ray.tune.Tuner.can_restore(path):
@@ -342,22 +374,38 @@ class Session:
         return tuner.fit()
 
     def run_grid(self, plan: Plan, max_concurrent: int | None, *, tags: dict[str, str] | None = None,
-                 name: str = "tune", notes: list[str] | None = None) -> SweepRecorder:
+                 name: str = "tune", notes: list[str] | None = None, reuse: bool = True) -> SweepRecorder:
         """Every (row, seed) of `plan` as one Tune trial; trials.parquet etc. in the run folder. `notes`: lines
-        printed under the table."""
+        printed under the table. `reuse`: a cell that finished in an earlier run of this spec with the same cell
+        key (config, seed, code version) is taken from there instead of trained again."""
         import ray.tune
 
         concurrent = max_concurrent or default_max_concurrent(plan, self.cpus)
         cells = [Cell(t.row, t.row_index, t.seed, t.config) for t in plan.trials]
-        recorder = SweepRecorder({**table_meta(plan, self.sweep_id), "notes": notes or []}, self.run_dir, self.tracker, self.sweep_id,
-                                 self.git_sha, total=len(cells), expected=cells, tags=tags,
-                                 progress=self.verbose > 0)
-        print(f"{plan.spec.name}: {len(plan.trials)} trials ({len(plan.rows)} rows x {len(plan.spec.seeds)} seeds), "
-              f"{concurrent} at a time -> {self.run_dir}", flush=True)
+        recorder = SweepRecorder({**table_meta(plan, self.sweep_id), "notes": notes or []}, self.run_dir,
+                                 self.tracker, self.sweep_id, self.git_sha, total=len(cells), expected=cells,
+                                 tags=tags, progress=self.verbose > 0)
         recorder.preload()
-        payloads = [{"row": t.row, "row_index": t.row_index, "seed": t.seed, "config": t.config} for t in plan.trials]
-        self.tune(run_trial, {"trial": ray.tune.grid_search(payloads)}, recorder, name=name,
-                  max_concurrent=concurrent)
+        have = {(r["row"], r["seed"]) for r in recorder.trials.values()}
+        found = results.finished_cells(self.results_root / plan.spec.name, exclude=self.run_dir) if reuse else {}
+        todo = []
+        for cell in cells:
+            source = found.get(results.cell_key(cell.config))
+            if (cell.row, cell.seed) in have:
+                continue
+            if source is not None:
+                recorder.adopt(cell, *source)
+            else:
+                todo.append(cell)
+        reused = recorder.meta["reused"] = sum(bool(r.get("reused")) for r in recorder.trials.values())
+        recorder.flush()
+        print(f"{plan.spec.name}: {len(plan.trials)} trials ({len(plan.rows)} rows x {len(plan.spec.seeds)} seeds)"
+              + (f", {reused} reused from earlier runs" if reused else "")
+              + f", {concurrent} at a time -> {self.run_dir}", flush=True)
+        if todo or ray.tune.Tuner.can_restore(os.path.join(self.storage, name)):
+            payloads = [{"row": c.row, "row_index": c.row_index, "seed": c.seed, "config": c.config} for c in todo]
+            self.tune(run_trial, {"trial": ray.tune.grid_search(payloads)}, recorder, name=name,
+                      max_concurrent=min(concurrent, max(1, len(todo))))
         recorder.interrupted = recorder.finish()
         return recorder
 
@@ -395,6 +443,7 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
         if address:
             ray.init(address=address, log_to_driver=verbose > 2)
         else:
+            _warn_other_ray_instances()
             ray.init(resources={DRIVER_RESOURCE: driver_slots}, log_to_driver=verbose > 2)
     try:
         cluster = ray.cluster_resources()
@@ -416,7 +465,7 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
             results.update_state(run_dir, parent_run_id=parent)
         s = Session(run_dir=run_dir, tracker=tracker, parent_run_id=parent, sweep_id=sweep_id,
                     git_sha=git["git_sha"], local_driver=cluster.get(DRIVER_RESOURCE, 0) >= 1,
-                    cpus=int(cluster.get("CPU", 1)), verbose=verbose)
+                    cpus=int(cluster.get("CPU", 1)), verbose=verbose, results_root=results_root)
         try:
             yield s
         except BaseException:
@@ -425,6 +474,23 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _warn_other_ray_instances() -> None:
+    """Ray Train 2.60's placement-group cleaner finds "its" cluster by looking for running GCS processes and gives
+    up when there are several; the placement groups of trials that Tune stops (ASHA, Ctrl-C) then keep their
+    CPUs and later trials wait for ever. Seen on this machine; say so before starting a second local Ray."""
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        others = find_gcs_addresses()
+    except Exception:   # a private helper: if it moved, skip the check
+        return
+    if others:
+        print(f"warning: {len(others)} other Ray instance(s) run on this machine ({', '.join(sorted(others))}). "
+              "With several local Ray instances, Ray Train cannot release the resources of trials stopped early "
+              "(ASHA) or interrupted, and later trials may wait for ever: run one sweep at a time, or run sweeps "
+              "on one `ray start` cluster with --address.", file=sys.stderr, flush=True)
 
 
 def end_parent(s: Session, failed: list[dict[str, Any]], interrupted: bool = False) -> None:
@@ -443,8 +509,9 @@ def run_state(plan) -> dict[str, Any]:
 
 
 def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max_concurrent: int | None = None,
-              verbose: int = 1, resume: Path | None = None) -> Outcome:
-    """An ablation: rows x seeds, then the table. `resume`: an unfinished run folder of this plan to continue."""
+              verbose: int = 1, resume: Path | None = None, reuse: bool = True) -> Outcome:
+    """An ablation: rows x seeds, then the table. `resume`: an unfinished run folder of this plan to continue.
+    `reuse`: take cells that finished in earlier runs of this spec (same cell key) instead of training them."""
     slots = max_concurrent or default_max_concurrent(plan, os.cpu_count() or 1)
     profile = plan.profile or "embedded"
     with session(plan.spec.name, plan.resolved(), results_root=results_root, address=address, driver_slots=slots,
@@ -453,9 +520,10 @@ def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max
                          "rows": [r.name for r in plan.rows], "overrides": plan.overrides,
                          "metric": plan.spec.metric.name, "trials": len(plan.trials)},
                  state={**run_state(plan), "kind": "ablation"}, resume=resume) as s:
-        recorder = s.run_grid(plan, max_concurrent)
+        recorder = s.run_grid(plan, max_concurrent, reuse=reuse)
         summary, md = s.finish_table(recorder)
         failed = [r for r in recorder.trials.values() if r["status"] != OK]
         end_parent(s, failed, interrupted=recorder.interrupted > 0)
         return Outcome(run_dir=s.run_dir, summary=summary, markdown=md, failed=failed, tracking_uri=s.tracker.uri,
-                       parent_run_id=s.parent_run_id, trials=len(plan.trials), interrupted=recorder.interrupted > 0)
+                       parent_run_id=s.parent_run_id, trials=len(plan.trials), interrupted=recorder.interrupted > 0,
+                       tracking_offline=s.tracker.offline)

@@ -3,18 +3,41 @@
 Only the sweep driver logs (a Tune callback calls this), so a sqlite store never sees two writers.
 Default store: sqlite:///<abs results root>/mlflow.db with artifacts beside it, unless
 MLFLOW_TRACKING_URI is set (an http:// server for clusters).
+
+MLflow is a copy of the results, never a condition for them: the run folder's Parquet is the record. A Tracker
+bounds every MLflow call in time and never raises; after the first call that fails it is offline for the rest of
+the command (no further attempts, so no stalls add up), says so in one line on stderr, and `rlseg-sync RUN_DIR`
+copies what was missed once the store is back (orchestrator/sync.py).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
+import queue
+import re
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from trainers.config import flatten
 
 MLFLOW_BATCH = 100  # params per log_batch call (MLflow's limit)
+CELL_TAG = "rlseg.cell"   # <sweep_id>/<trial_id>: the identity of a trial's run, for rlseg-sync to find it
+
+# MLflow's HTTP client waits 120 s per request and retries 7 times with backoff 2, 4, 8 ... s (minutes per call
+# while a server is down). A sweep can do without MLflow, so each request gets 5 s and one immediate retry.
+# Values the user set in the environment win; CALL_DEADLINE_S caps a whole call whatever they are.
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
+}
+CALL_DEADLINE_S = 30.0
 
 
 def default_tracking_uri(results_root: Path) -> str:
@@ -27,73 +50,237 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-class Tracker:
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None):
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def bound_http_requests() -> None:
+    """HTTP_BOUNDS into this process's environment (MLflow reads them at every request), unless already set."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+# --------------------------------------------------------------------------- logging with any client
+# These take the MlflowClient to use: the Tracker's guarded one (calls return None when offline) or rlseg-sync's
+# plain one (calls raise).
+
+def open_experiment(client, uri: str, experiment: str, artifact_root: Path | None) -> str:
+    """The id of experiment `experiment`, created (or restored) if need be."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        # a sqlite store would put artifacts in ./mlruns of whatever folder we run from; pin them
+        location = (artifact_root / experiment).resolve().as_uri() if not is_remote(uri) and artifact_root else None
+        return client.create_experiment(experiment, artifact_location=location)
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def trial_tags(tags: dict[str, str], parent_id: str) -> dict[str, str]:
+    """A trial run's tags: the caller's, its parent, and its identity (CELL_TAG) when sweep_id and trial_id are known."""
+    out = {**tags, "mlflow.parentRunId": parent_id}
+    if tags.get("sweep_id") and tags.get("trial_id"):
+        out[CELL_TAG] = f"{tags['sweep_id']}/{tags['trial_id']}"
+    return out
+
+
+def create_trial_run(client, experiment_id: str, parent_id: str, run_name: str, config: dict[str, Any],
+                     tags: dict[str, str]) -> str | None:
+    run = client.create_run(experiment_id, run_name=run_name, tags=trial_tags(tags, parent_id))
+    if run is None:
+        return None
+    log_params(client, run.info.run_id, flatten(config))
+    return run.info.run_id
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), MLFLOW_BATCH):
+        client.log_batch(run_id, params=items[i:i + MLFLOW_BATCH])
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
+def log_results(client, run_id: str, summary, files: list[Path], plots: list[Path],
+                present: frozenset[str] = frozenset()) -> None:
+    """A sweep's table on its parent run: the files, plots/, table.json (skipping the artifact paths in `present`),
+    the best row as a tag and its mean as `best/mean`."""
+    for f in files:
+        if f.name not in present:
+            client.log_artifact(run_id, str(f))
+    for p in plots:
+        if f"plots/{p.name}" not in present:
+            client.log_artifact(run_id, str(p), artifact_path="plots")
+    if "table.json" not in present:
+        table = summary.astype({"best": bool}).copy()
+        table = table.where(table.notna(), None)   # JSON has no NaN
+        client.log_table(run_id, data=table, artifact_file="table.json")
+    best = summary[summary["best"]]
+    if len(best):
+        client.set_tag(run_id, "best_row", str(best.iloc[0]["row"]))
+        if not math.isnan(best.iloc[0]["mean"]):
+            client.log_metric(run_id, "best/mean", float(best.iloc[0]["mean"]))
+
+
+# --------------------------------------------------------------------------- the sweep's tracker
+
+class _Worker:
+    """One daemon thread that runs the calls, so that a caller can stop waiting for one (a stuck thread is left
+    behind, and nothing else is sent to it: the Tracker is offline by then)."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="rlseg-mlflow", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, kwargs, future = self.jobs.get()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:   # handed to the caller, which decides
+                future.set_exception(e)
+
+    def run(self, deadline_s: float, fn: Callable, *args, **kwargs) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((fn, args, kwargs, future))
+        try:
+            return future.result(timeout=deadline_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"no answer within {deadline_s:g} s") from None
+
+
+class GuardedClient:
+    """MlflowClient's methods through the Tracker: each bounded in time, none raising (None when it failed or the
+    Tracker is offline). A call whose run id (first argument) is None does nothing, so callers can pass the id of a
+    run that was never created."""
+
+    def __init__(self, tracker: "Tracker"):
+        self._tracker = tracker
+
+    def __getattr__(self, name: str):
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            local = not uri.startswith(("http://", "https://"))
-            # a sqlite store would put artifacts in ./mlruns of whatever folder we run from; pin them
-            location = (artifact_root / experiment).resolve().as_uri() if local and artifact_root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
-        self.parent_id: str | None = None
+        if name.startswith("_") or not callable(getattr(MlflowClient, name, None)):
+            raise AttributeError(f"MlflowClient has no method {name!r}")
 
-    def start_sweep(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        def call(*args, **kwargs):
+            if (args and args[0] is None) or ("run_id" in kwargs and kwargs["run_id"] is None):
+                return None
+            return self._tracker._call(name, lambda: getattr(self._tracker._mlflow, name)(*args, **kwargs))
+        return call
+
+
+class Tracker:
+    """The sweep's MLflow writer. `client` is a GuardedClient. Once offline (a call failed), start_* return None
+    and everything else does nothing; every method takes None for a run id."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None, run_dir: Path | None = None):
+        bound_http_requests()
+        self.uri, self.experiment = uri, experiment
+        self.run_dir = run_dir      # for the recovery hint; start_sweep learns it from its results_dir tag
+        self.results_root = artifact_root.parent if artifact_root else None
+        self.offline = False
+        self.parent_id: str | None = None
+        self.client = GuardedClient(self)
+        self._mlflow = None
+        # a local store (sqlite) needs no deadline, and its first use may migrate a new database for many seconds
+        self._worker = _Worker() if is_remote(uri) else None
+        self.experiment_id = self._call("connect", lambda: self._connect(artifact_root))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles the Session (and so this) with the trainable. A copy never logs: the driver is the writer."""
+        return {**self.__dict__, "_worker": None, "_mlflow": None, "offline": True}
+
+    def _connect(self, artifact_root: Path | None) -> str:
+        from mlflow.tracking import MlflowClient
+
+        self._mlflow = MlflowClient(tracking_uri=self.uri)
+        return open_experiment(self._mlflow, self.uri, self.experiment, artifact_root)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        if self.offline:
+            return None
+        start = time.monotonic()
+        try:
+            return self._worker.run(CALL_DEADLINE_S, fn) if self._worker else fn()
+        except Exception as e:
+            self.offline = True
+            self._warn(what, e, time.monotonic() - start)
+            return None
+
+    def _warn(self, what: str, error: Exception, seconds: float) -> None:
+        run_dir = self.run_dir or self._guess_run_dir()
+        where = str(run_dir) if run_dir else "results/<spec>/<run>"
+        uri_opt = f" --tracking-uri {self.uri}" if os.environ.get("MLFLOW_TRACKING_URI") else ""
+        print(f"rlseg: MLflow at {self.uri} failed ({what}: {_reason(error)}, after {seconds:.1f} s); this command logs nothing more to "
+              f"MLflow (the run folder still gets every trial, epoch and table); once MLflow is back, copy what it "
+              f"missed with: rlseg-sync {where}{uri_opt}", file=sys.stderr, flush=True)
+
+    def _guess_run_dir(self) -> Path | None:
+        """The run folder this process just prepared (session writes env.json or env.resumed.json, then makes us)."""
+        if self.results_root is None:
+            return None
+        marks = [p for pattern in ("env.json", "env.resumed.json")
+                 for p in (self.results_root / self.experiment).glob(f"*/{pattern}")]
+        return max(marks, key=lambda p: p.stat().st_mtime).parent if marks else None
+
+    # --- what sweep.py and search.py call ---
+    def start_sweep(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str | None:
+        if tags.get("results_dir"):
+            self.run_dir = Path(tags["results_dir"])
+        if self.offline:
+            return None
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        if run is None:
+            return None
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
 
-    def start_trial(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
-        assert self.parent_id is not None
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={**tags, "mlflow.parentRunId": self.parent_id})
-        self.log_params(run.info.run_id, flatten(config))
-        return run.info.run_id
-
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
-
-    def resume_sweep(self, run_id: str) -> None:
+    def resume_sweep(self, run_id: str | None) -> None:
         """Reopen the parent run of an interrupted sweep (--resume): the same run collects the rest."""
-        self.client.update_run(run_id, status="RUNNING")
         self.parent_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
 
-    def end_run(self, run_id: str, ok: bool, error: str | None = None, killed: bool = False) -> None:
+    def start_trial(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str | None:
+        if self.offline or self.parent_id is None:
+            return None
+        return create_trial_run(self.client, self.experiment_id, self.parent_id, run_name, config, tags)
+
+    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int) -> None:
+        if run_id is not None and not self.offline:
+            log_metrics(self.client, run_id, metrics, step)
+
+    def end_run(self, run_id: str | None, ok: bool, error: str | None = None, killed: bool = False) -> None:
         if error:
             self.client.set_tag(run_id, "error", error[:5000])
         self.client.set_terminated(run_id, status="KILLED" if killed else "FINISHED" if ok else "FAILED")
 
     def log_sweep_results(self, summary, files: list[Path], plots: list[Path]) -> None:
-        assert self.parent_id is not None
-        for f in files:
-            self.client.log_artifact(self.parent_id, str(f))
-        for p in plots:
-            self.client.log_artifact(self.parent_id, str(p), artifact_path="plots")
-        table = summary.astype({"best": bool}).copy()
-        table = table.where(table.notna(), None)   # JSON has no NaN
-        self.client.log_table(self.parent_id, data=table, artifact_file="table.json")
-        best = summary[summary["best"]]
-        if len(best):
-            self.client.set_tag(self.parent_id, "best_row", str(best.iloc[0]["row"]))
-            if not math.isnan(best.iloc[0]["mean"]):
-                self.client.log_metric(self.parent_id, "best/mean", float(best.iloc[0]["mean"]))
+        if self.parent_id is not None and not self.offline:
+            log_results(self.client, self.parent_id, summary, files, plots)
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
+        if run_id is not None and not self.offline:
+            log_params(self.client, run_id, params)
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), MLFLOW_BATCH):
-            self.client.log_batch(run_id, params=items[i:i + MLFLOW_BATCH])
+
+def _reason(error: Exception) -> str:
+    """A failed MLflow call in a few words ('Connection refused', 'timed out', 'TimeoutError: no answer ...')."""
+    text = str(error)
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno:
+        return errno.group(1).strip()
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return "timed out"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{error.__class__.__name__}: {first[:200]}"

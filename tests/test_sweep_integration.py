@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import BIN
+from orchestrator.rerun import main as rerun_main
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +86,13 @@ def test_two_rows_two_seeds_through_tune_torchtrainer_and_mlflow(tmp_path):
     assert f"{ce.mean():.2f} ± {ce.std(ddof=1):.2f}" in proc.stdout
     assert str(run_dir) in proc.stdout and "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
 
+    # the manifest: each cell carries the line that retrains it; rlseg-rerun matches the TorchTrainer trial exactly
+    ce0 = trials[(trials["row"] == "CE") & (trials["seed"] == 0)].iloc[0]
+    assert ce0["rerun_command"] == f"rlseg-rerun {run_dir.resolve()} CE 0" and ce0["device"] == "cpu"
+    assert ce0["code_version"] == json.loads((run_dir / "env.json").read_text())["code_version"]
+    assert rerun_main([str(run_dir), "CE", "0"]) == 0
+    assert rerun_main([str(run_dir), "CE", "7"]) == 2          # no such cell: one line, exit 2
+
     # rlseg-table re-renders from Parquet alone
     (run_dir / "table.md").unlink()
     md = (run_dir / "table.md")
@@ -116,3 +124,45 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert failed.info.status == "FAILED" and "TrainingDiverged" in failed.data.tags["error"]
     parent = runs[failed.data.tags["mlflow.parentRunId"]]
     assert parent.info.status == "FAILED" and parent.data.tags["failed_trials"] == "1"
+
+
+def test_rerun_with_an_added_row_trains_only_the_new_cells(tmp_path):
+    """Cells are keyed by (config, seed, code version): a second run of the spec with one more row trains that
+    row's three seeds and takes the other three from the first run (reused, linked in MLflow, not re-logged)."""
+    one_row = f"""
+        name: cells
+        seeds: [0, 1, 2]
+        base: {TINY}
+        rows:
+          - {{name: CE, set: {{resources.workers: 0}}}}
+    """
+    proc, first = sweep(tmp_path, one_row)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, second = sweep(tmp_path, one_row + "      - {name: CE + Dice, set: {resources.workers: 0, "
+                                             "method.seg_loss.dice: 1.0}}\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert second != first and "3 reused from earlier runs" in proc.stdout
+    a = pd.read_parquet(first / "trials.parquet").set_index("seed")
+    b = pd.read_parquet(second / "trials.parquet")
+    assert len(b) == 6 and set(b["status"]) == {"ok"}
+    reused, trained = b[b["reused"]].set_index("seed"), b[~b["reused"]]
+    assert sorted(trained["row"]) == ["CE + Dice"] * 3 and sorted(reused["row"]) == ["CE"] * 3
+    assert set(reused["source_run"]) == {first.name}
+    for seed in (0, 1, 2):   # the reused cells are the first run's: same key, same trial, same metrics
+        assert reused.loc[seed, "cell_key"] == a.loc[seed, "cell_key"]
+        assert reused.loc[seed, "trial_id"] == a.loc[seed, "trial_id"]
+        assert reused.loc[seed, "val/mIoU"] == a.loc[seed, "val/mIoU"]
+    epochs = pd.read_parquet(second / "epochs.parquet")
+    assert len(epochs) == 12 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert "3 cells reused from earlier runs" in (second / "table.md").read_text()
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    links = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("cells").experiment_id])}
+    for _, t in reused.iterrows():
+        run = links[t["mlflow_run_id"]]
+        assert run.data.tags["reused"] == "true" and run.data.tags["source_mlflow_run_id"] == a.loc[
+            int(t.name), "mlflow_run_id"]
+        assert run.data.metrics == {}          # a link, not a copy
+
+    proc, third = sweep(tmp_path, one_row, "--rerun")   # --rerun trains even known cells
+    assert proc.returncode == 0 and not pd.read_parquet(third / "trials.parquet")["reused"].any()
