@@ -7,8 +7,9 @@ Two settings:
   paper     FCN-R50-D8 at 512 x 512, batch 2, 21 classes (the paper's latent: d = 2048, h = w = 64), random init,
             the paper's reading of the method (policy trained through z)
 A step is forward + backward + optimizer step + the EMA update of the old policy, on synthetic tensors (no data
-loading). Prints the median step time of each method, their ratio, and where latent_rl's extra time goes
-(forward-only: policy, modulation, the wider decoder, rewards). Numbers, not assertions.
+loading); the two methods run in alternating blocks of steps. Prints the median step time of each method, their
+ratio, and where latent_rl's extra time goes (forward-only: policy, modulation, the wider decoder, rewards).
+Numbers, not assertions.
 """
 from __future__ import annotations
 
@@ -82,12 +83,14 @@ def breakdown(model, batch, device: torch.device, repeats: int) -> dict[str, flo
     s = model.policy.sample(mu, log_sigma, (h, w))
     z_mod = model.modulation(z, s)
     logits = model.segmentor.decode(z_mod, images.shape[-2:])
+    pixel_ce = torch.nn.functional.cross_entropy(logits, masks, ignore_index=255, reduction="none")   # L_seg's, reused
     return {
         "encoder": timed(lambda: model.segmentor.encode(images)),
         "policy (pi and pi_old)": timed(lambda: (model.policy(z), model.old_policy(z))),
         "modulation": timed(lambda: model.modulation(z, s)),
         "decoder on [z, alpha z_mod]": timed(lambda: model.segmentor.decode(z_mod, images.shape[-2:])),
-        "rewards (4 terms)": timed(lambda: segmentation_rewards(logits, masks, model.num_classes, 255)),
+        "rewards (4 terms)": timed(lambda: segmentation_rewards(logits, masks, model.num_classes, 255,
+                                                               pixel_ce=pixel_ce)),
     }
 
 
@@ -96,16 +99,22 @@ def measure(name: str, tree: dict, num_classes: int, batch_size: int, size: int,
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(batch_size, 3, size, size, generator=g).to(device),
              torch.randint(0, num_classes, (batch_size, size, size), generator=g).to(device))
+    runs = {method: build(tree, method, num_classes, device) for method in ("supervised", "latent_rl")}
+    times = {method: [] for method in runs}
+    for model, opt in runs.values():
+        step_times(model, opt, batch, 0, warmup, device)
+    # Alternate blocks of steps, so both methods see the same machine: on a shared box the load drifts within a run.
+    block = max(1, min(5, steps // 4))
+    for done in range(0, steps, block):
+        for method, (model, opt) in runs.items():
+            times[method] += step_times(model, opt, batch, min(block, steps - done), 0, device)
     med = {}
-    for method in ("supervised", "latent_rl"):
-        model, opt = build(tree, method, num_classes, device)
-        times = step_times(model, opt, batch, steps, warmup, device)
-        med[method] = statistics.median(times)
-        print(f"  {method:<11} median step {1000 * med[method]:9.1f} ms  (min {1000 * min(times):.1f}, "
+    for method, ts in times.items():
+        med[method] = statistics.median(ts)
+        print(f"  {method:<11} median step {1000 * med[method]:9.1f} ms  (min {1000 * min(ts):.1f}, "
               f"{steps} steps after {warmup} warm-up)  {batch_size / med[method]:7.1f} img/s", flush=True)
-        if method == "latent_rl":
-            parts = breakdown(model, batch, device, repeats=max(1, min(steps, 5)))
-        del model, opt
+    parts = breakdown(runs["latent_rl"][0], batch, device, repeats=max(1, min(steps, 5)))
+    del runs
     ratio = med["latent_rl"] / med["supervised"]
     print(f"  {name}: latent_rl / supervised = {ratio:.3f}")
     print("  forward-only parts of latent_rl (median ms): "

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import method_step
 from trainers.config import Config
@@ -128,3 +129,101 @@ def test_policy_lr_scale_makes_its_own_param_group():
     assert by_lr[min(by_lr)] == policy_ids
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert by_lr[max(by_lr)] == trainable - policy_ids
+
+
+def test_mha_modulation_equals_torch_multihead_attention():
+    """Modulation.attend (batch-first, on the module's own parameters) gives what nn.MultiheadAttention gives, with
+    the policy's s (Eq. 14) and without it (Table 6), values and gradients."""
+    from trainers.methods.latent_rl import Modulation
+
+    torch.manual_seed(0)
+    mod = Modulation("mha", 8, 2)
+    with torch.no_grad():     # non-zero biases, so a bias that went missing would show
+        mod.attention.in_proj_bias.normal_()
+        mod.attention.out_proj.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 8, 4, 5, generator=g, requires_grad=True)
+    s = torch.randn(3, 8, 4, 5, generator=g, requires_grad=True)
+
+    def reference(z, s):
+        b, d, h, w = z.shape
+        query = z if s is None else z - mod.project(s)
+        tokens = z.flatten(2).transpose(1, 2)
+        z_mod, _ = mod.attention(query.flatten(2).transpose(1, 2), tokens, tokens, need_weights=False)
+        return torch.cat([z, mod.alpha * z_mod.transpose(1, 2).reshape(b, d, h, w)], dim=1)
+
+    params = [z, s] + list(mod.parameters())
+    for signal in (s, None):
+        gy = torch.randn(3, 16, 4, 5, generator=g)
+        got, expect = mod(z, signal), reference(z, signal)
+        torch.testing.assert_close(got, expect)
+        grads = [torch.autograd.grad(y, params, gy, allow_unused=True) for y in (got, expect)]
+        for name, a, b in zip(["z", "s"] + [n for n, _ in mod.named_parameters()], *grads):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, msg=name)
+
+
+def test_seg_loss_with_pixel_ce_equals_seg_loss():
+    """Plain CE: the L_seg that also hands its per-pixel CE to r^CE equals SegMethod.seg_loss (value, gradient);
+    with a Dice term it is seg_loss itself and no per-pixel CE."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 8, 6, 7, generator=g, requires_grad=True)
+    masks = torch.randint(0, 8, (3, 6, 7), generator=g)
+    masks[0, :2] = 255
+    masks[2] = 255
+    for dice in (0.0, 0.5):
+        model = make(seg_loss={"ce": 0.7, "dice": dice})
+        got, pixel_ce = model.seg_loss_and_pixel_ce(logits, masks)
+        expect = model.seg_loss(logits, masks)
+        assert got.keys() == expect.keys()
+        for key in expect:
+            torch.testing.assert_close(got[key], expect[key], msg=key)
+        torch.testing.assert_close(torch.autograd.grad(got["loss_seg"], logits)[0],
+                                   torch.autograd.grad(expect["loss_seg"], logits)[0])
+        if dice:
+            assert pixel_ce is None
+        else:
+            torch.testing.assert_close(pixel_ce, F.cross_entropy(logits, masks, ignore_index=255, reduction="none"))
+
+
+def test_forward_equals_the_straightforward_formulation():
+    """One image-level step recomputed plainly from the same z, s and logits: Eq. 12 summed element by element for
+    phi and phi_old, the four rewards, batch-mean advantages clamped to [-1, 1], Eq. 4 and Eq. 5."""
+    from trainers.rl import gaussian_kl, gaussian_log_prob, ppo_clip_loss, segmentation_rewards
+
+    model = make(baseline={"kind": "batch_mean"}, policy={"pool": [2, 2], "detach_state": True})
+    with torch.no_grad():                   # phi off phi_old, so the ratio and the KL are not trivial
+        model.policy.fc_mu.bias.add_(0.002)
+        model.policy.fc_logsigma.bias.add_(0.001)
+    seen = {}
+    sample, decode = model.policy.sample, model.decode
+
+    def record_sample(mu, log_sigma, spatial):
+        seen["mu"], seen["log_sigma"] = mu, log_sigma
+        seen["s"] = sample(mu, log_sigma, spatial)
+        return seen["s"]
+
+    def record_decode(z, s, size):
+        seen["z"], seen["logits"] = z, decode(z, s, size)
+        return seen["logits"]
+
+    model.policy.sample, model.decode = record_sample, record_decode
+    x, y = batch()
+    out = model(x, y)
+    with torch.no_grad():
+        mu_old, log_sigma_old = model.old_policy(seen["z"].detach())     # BN momentum 0: no state change
+    mu, log_sigma, s = seen["mu"], seen["log_sigma"], seen["s"].detach()
+    h, w = s.shape[-2:]
+    logp, logp_old = gaussian_log_prob(s, mu, log_sigma), gaussian_log_prob(s, mu_old, log_sigma_old)
+    rewards = segmentation_rewards(seen["logits"], y, 8)
+    r = sum(rewards.values())
+    adv = (r - r.mean()).clamp(-1, 1)
+    expect_policy = ppo_clip_loss(logp, logp_old, adv, 0.2)
+    expect_kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w).mean()
+    for key, v in rewards.items():
+        torch.testing.assert_close(out[f"reward_{key}"], v.mean(), msg=key)
+    torch.testing.assert_close(out["loss_kl"], expect_kl.detach())
+    # log pi sums d*h*w float32 terms either way: the log-ratio agrees to ~1e-3
+    torch.testing.assert_close(out["loss_policy"], expect_policy.detach(), rtol=2e-3, atol=2e-3)
+    assert (logp - logp_old).abs().min() > 0.05 and expect_kl > 0        # not the trivial phi = phi_old point

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob,
-                         group_advantages, ppo_clip_loss, ppo_stats, segmentation_rewards, weighted_reward)
+                         gaussian_log_prob_moments, group_advantages, ppo_clip_loss, ppo_stats, sample_moments,
+                         segmentation_rewards, weighted_reward)
 
 G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
 
@@ -407,3 +408,123 @@ def test_iou_reward_equals_the_iou_term():
     target[0, :3] = 255
     target[4] = 255                                   # no valid pixel: 0 like the composite
     torch.testing.assert_close(iou_reward(logits, target, 4), segmentation_rewards(logits, target, 4)["iou"])
+
+
+# ---------------------------------------------------------------- fast paths pinned to the straightforward forms
+
+def straightforward_rewards(logits, target, k, ignore=255):
+    """Eq. 15 written plainly, one image and one class at a time: argmax, set IoU / Dice, F.cross_entropy, and the
+    boundary maps by 3x3 max-pool morphology (-inf padding: in-image neighbours only), dilated by max-pool too."""
+    out = {key: [] for key in ("iou", "dice", "ce", "boundary")}
+    pool = lambda x: F.max_pool2d(x[None, None].double(), 3, 1, 1)[0, 0]          # noqa: E731
+    for i in range(logits.shape[0]):
+        valid = target[i] != ignore
+        pred = logits[i].argmax(0)
+        ious, dices = [], []
+        for c in range(k):
+            p, g = (pred == c) & valid, (target[i] == c) & valid
+            union = int((p | g).sum())
+            if union:
+                inter = int((p & g).sum())
+                ious.append(inter / union)
+                dices.append(2 * inter / int(p.sum() + g.sum()))
+        has_valid = bool(valid.any())
+        out["iou"].append(sum(ious) / len(ious) if has_valid else 0.0)
+        out["dice"].append(sum(dices) / len(dices) if has_valid else 0.0)
+        ce = F.cross_entropy(logits[i:i + 1].double(), target[i:i + 1], ignore_index=ignore)
+        out["ce"].append(math.exp(-ce.item()) if has_valid else 0.0)
+        maps = []
+        for lab in (pred, target[i]):
+            lab = torch.where(valid, lab, -1)
+            maps.append((pool(lab) != -pool(-lab)) & valid)
+        pb, gb = maps
+        n_p, n_g = int(pb.sum()), int(gb.sum())
+        if not n_p and not n_g:
+            out["boundary"].append(1.0)
+        elif not n_p or not n_g:
+            out["boundary"].append(0.0)
+        else:
+            prec = int((pb & (pool(gb) > 0)).sum()) / n_p
+            rec = int((gb & (pool(pb) > 0)).sum()) / n_g
+            out["boundary"].append(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
+    return {key: torch.tensor(v, dtype=torch.float32) for key, v in out.items()}
+
+
+@pytest.mark.parametrize("k", [2, 5, 21])
+def test_rewards_equal_the_straightforward_form(k):
+    """Blobby random maps (i.i.d. labels would make every pixel a boundary pixel) with exact ties in the logits,
+    scattered ignore pixels, an ignore band and an image with no valid pixel; also with the per-pixel CE passed in
+    (as latent_rl does) instead of computed."""
+    g = G(10 + k)
+    b, h, w = 6, 13, 17
+    logits = F.interpolate(torch.randn(b, k, 4, 5, generator=g) * 3, size=(h, w), mode="bilinear")
+    logits[:, 1, 5:9] = logits[:, 0, 5:9]                    # exact ties in a band
+    target = F.interpolate(torch.randint(0, k, (b, 1, 3, 4), generator=g).float(), size=(h, w))[:, 0].long()
+    target[torch.rand(b, h, w, generator=g) < 0.01] = 255
+    target[1, 4:6] = 255
+    target[2] = 255
+    target[3] = 0                                             # no target boundary
+    expect = straightforward_rewards(logits, target, k)
+    partial = expect["boundary"][[0, 1, 4, 5]]
+    assert 0.5 < partial.min() and partial.max() < 0.98                  # boundaries that match only in part
+    pixel_ce = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    for out in (segmentation_rewards(logits, target, k), segmentation_rewards(logits, target, k, pixel_ce=pixel_ce)):
+        for key in expect:
+            torch.testing.assert_close(out[key], expect[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_argmax_takes_the_first_maximal_class():
+    from trainers.rl.rewards import _argmax_classes
+
+    g = G(20)
+    for k in (1, 3, 8, 300):                                    # 300 > 256: the wider rank dtype
+        logits = torch.randint(-2, 3, (2, k, 6, 7), generator=g).float()     # many exact ties
+        assert torch.equal(_argmax_classes(logits), logits.argmax(1)), k
+
+
+def test_log_prob_from_moments_equals_eq12_values_and_gradients():
+    """The image-level log-density from the sample's moments about its own mean equals Eq. 12 summed element by
+    element, for phi (at the centre) and for another policy (phi_old), with far-from-zero means and small sigmas."""
+    g = G(30)
+    b, d, h, w = 3, 6, 5, 4
+    for mu_scale, ls_shift in ((1.0, 0.0), (50.0, -4.0), (0.1, 3.0)):
+        mu = (torch.randn(b, d, generator=g, dtype=torch.float64) * mu_scale).requires_grad_()
+        ls = (torch.randn(b, d, generator=g, dtype=torch.float64) * 0.3 + ls_shift).requires_grad_()
+        s = GaussianLatentPolicy.sample(mu.detach(), ls.detach(), (h, w), generator=g)
+        mu_o = mu.detach() + 0.1 * torch.randn(b, d, generator=g, dtype=torch.float64)
+        ls_o = ls.detach() - 0.2
+        moments = sample_moments(s, center=mu)
+        assert moments.count == h * w
+        for m_, l_ in ((mu, ls), (mu_o, ls_o)):
+            fast = gaussian_log_prob_moments(moments, m_, l_)
+            slow = gaussian_log_prob(s, m_, l_)
+            torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-9)
+        grads = [torch.autograd.grad(f(mu, ls).sum(), (mu, ls))
+                 for f in (lambda a, c: gaussian_log_prob_moments(moments, a, c), lambda a, c: gaussian_log_prob(s, a, c))]
+        for fast, slow in zip(*grads):
+            torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("hw,pool", [((8, 8), (4, 4)), ((6, 9), (3, 3)), ((7, 5), (4, 2)), ((5, 5), (1, 1))])
+def test_policy_pool_equals_adaptive_average_pool(hw, pool):
+    pi = GaussianLatentPolicy(4, blocks=1, pool=pool)
+    x = torch.randn(2, 4, *hw, generator=G(40), requires_grad=True)
+    fast = pi.pooled(x)
+    slow = F.adaptive_avg_pool2d(x, pool)
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7)
+    gy = torch.randn(slow.shape, generator=G(41))
+    torch.testing.assert_close(torch.autograd.grad(fast, x, gy)[0], torch.autograd.grad(slow, x, gy)[0])
+
+
+def test_ema_update_moves_every_float_tensor_exactly_and_copies_counters():
+    """ema_update on a policy (16 parameters, BN running stats and counters) equals the per-tensor formula."""
+    torch.manual_seed(0)
+    src = GaussianLatentPolicy(4, blocks=2, pool=(2, 2))
+    src(torch.randn(3, 4, 4, 4, generator=G(50)))               # moves BN running stats and counters
+    tgt = GaussianLatentPolicy(4, blocks=2, pool=(2, 2)).requires_grad_(False)
+    before = copy.deepcopy(tgt.state_dict())
+    ema_update(tgt, src, 0.7)
+    for name, v in tgt.state_dict().items():
+        s = src.state_dict()[name]
+        expect = 0.7 * before[name] + 0.3 * s if v.is_floating_point() else s
+        assert torch.equal(v, expect), name

@@ -19,14 +19,16 @@ import copy
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from trainers.config import MethodConfig, Strict
 from trainers.methods import register_method
 from trainers.methods.base import SegMethod
-from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob, ppo_clip_loss,
-                         ppo_stats, segmentation_rewards, weighted_reward)
+from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob,
+                         gaussian_log_prob_moments, ppo_clip_loss, ppo_stats, sample_moments, segmentation_rewards,
+                         weighted_reward)
 
 
 class PolicyConfig(Strict):
@@ -100,7 +102,7 @@ class Modulation(nn.Module):
                 raise ValueError(f"method.attention_heads={heads} must divide the latent width {channels}")
             self.project = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
                                          nn.ReLU(inplace=True))                       # Eq. 13
-            self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)  # SDPA kernel (need_weights=False)
+            self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)  # parameters; see attend
             self.alpha = nn.Parameter(torch.tensor(0.1))                               # learnable scale (Sec. 3.2)
 
     def forward(self, z: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
@@ -112,9 +114,22 @@ class Modulation(nn.Module):
             return torch.cat([z, s], dim=1)                  # Eq. 22
         b, d, h, w = z.shape
         query = z if s is None else z - self.project(s)      # Eq. 14 query z - s'; Table 6: MHA(z, z, z) without s
-        tokens = z.flatten(2).transpose(1, 2)                # (B, h*w, d)
-        z_mod, _ = self.attention(query.flatten(2).transpose(1, 2), tokens, tokens, need_weights=False)
-        return torch.cat([z, self.alpha * z_mod.transpose(1, 2).reshape(b, d, h, w)], dim=1)
+        z_mod = self.attend(query.flatten(2).transpose(1, 2), z.flatten(2).transpose(1, 2))   # (B, h*w, d)
+        return torch.cat([z.flatten(2), self.alpha * z_mod.transpose(1, 2)], dim=1).view(b, 2 * d, h, w)
+
+    def attend(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """self.attention(query, tokens, tokens) (B, L, d) -> (B, L, d), written out batch-first on the module's own
+        parameters (no dropout, no mask, as it is configured): its forward goes sequence-first and back, copies and
+        checks worth ~10% of the attention's train-step time on the embedded default."""
+        att = self.attention
+        b, n, d = query.shape
+        heads = att.num_heads
+        w_q, w_kv = att.in_proj_weight.split([d, 2 * d])
+        b_q, b_kv = att.in_proj_bias.split([d, 2 * d])
+        q = F.linear(query, w_q, b_q).view(b, n, heads, d // heads).transpose(1, 2)              # (B, heads, L, d_h)
+        k, v = F.linear(tokens, w_kv, b_kv).view(b, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return att.out_proj(out)
 
 
 @register_method("latent_rl", LatentRLConfig)
@@ -152,6 +167,16 @@ class LatentRL(SegMethod):
             start = m.rl_start_epoch if m.rl_start_epoch is not None else epochs // 2
             self.rl_phase, self.seg_phase = epoch >= start, epoch < start
 
+    def seg_loss_and_pixel_ce(self, logits: torch.Tensor, masks: torch.Tensor
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """L_seg (Eq. 2) as self.seg_loss, and when it is plain CE also the per-pixel CE (B, H, W) that r^CE reuses
+        (one log-softmax for both). With a Dice term: self.seg_loss and None."""
+        if self.cfg.seg_loss.dice > 0:
+            return self.seg_loss(logits, masks), None
+        pixel_ce = F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="none")
+        ce = pixel_ce.sum() / (masks != self.ignore_index).sum()           # = F.cross_entropy's "mean"
+        return {"loss_seg": self.cfg.seg_loss.ce * ce, "loss_ce": ce.detach()}, pixel_ce
+
     def decode(self, z: torch.Tensor, s: torch.Tensor | None, size) -> torch.Tensor:
         return self.segmentor.decode(self.modulation(z, s), size)
 
@@ -173,20 +198,24 @@ class LatentRL(SegMethod):
             for t in (z, masks, mu, log_sigma, mu_old, log_sigma_old))
         s = self.policy.sample(mu_g, log_sigma_g, (h, w))                   # Eq. 11, reparameterised
         logits = self.decode(z_g, s, size)
-        out = self.seg_loss(logits, masks_g)                                # L_seg, Eq. 2
+        out, pixel_ce = self.seg_loss_and_pixel_ce(logits, masks_g)         # L_seg, Eq. 2
 
-        element = m.loss.ratio_level == "element"
         with torch.no_grad():
-            rewards = segmentation_rewards(logits, masks_g, self.num_classes, self.ignore_index)
+            rewards = segmentation_rewards(logits, masks_g, self.num_classes, self.ignore_index, pixel_ce=pixel_ce)
             r = weighted_reward(rewards, self.weights)                      # Eq. 15
             adv = self.baseline.advantages(r.view(-1, self.group) if self.group > 1 else r).reshape(-1)  # Eq. 16-18
-            logp_old = gaussian_log_prob(s.detach(), mu_old_g, log_sigma_old_g, reduce=not element)
-        logp = gaussian_log_prob(s.detach(), mu_g, log_sigma_g, reduce=not element)   # Eq. 12, s is a constant
         kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w)         # Eq. 5, KL(old || phi), (B,)
-        if element:   # per-element ratios against the image's advantage; KL per element
-            logp, logp_old, adv_t = logp.flatten(1), logp_old.flatten(1), adv[:, None]
-            kl = kl / logp.shape[1]
-        else:
+        # Eq. 12: log-density of the constant action s under phi and phi_old
+        if m.loss.ratio_level == "element":   # per-element ratios against the image's advantage; KL per element
+            with torch.no_grad():
+                logp_old = gaussian_log_prob(s.detach(), mu_old_g, log_sigma_old_g, reduce=False).flatten(1)
+            logp = gaussian_log_prob(s.detach(), mu_g, log_sigma_g, reduce=False).flatten(1)
+            adv_t, kl = adv[:, None], kl / logp.shape[1]
+        else:   # the two sums over d*h*w terms from s's per-channel moments, taken once
+            moments = sample_moments(s, center=mu_g)
+            with torch.no_grad():
+                logp_old = gaussian_log_prob_moments(moments, mu_old_g, log_sigma_old_g)
+            logp = gaussian_log_prob_moments(moments, mu_g, log_sigma_g)
             adv_t = adv
         loss_policy = ppo_clip_loss(logp, logp_old, adv_t, m.loss.ppo_eps)  # Eq. 4
         loss_kl = kl.mean()

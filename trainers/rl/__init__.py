@@ -2,12 +2,14 @@
 advantages and objectives. Pure functions and small modules; the methods in trainers/methods use them."""
 from trainers.rl.advantage import Baseline, group_advantages
 from trainers.rl.objectives import ema_update, ppo_clip_loss, ppo_stats
-from trainers.rl.policy import GaussianLatentPolicy, gaussian_kl, gaussian_log_prob
+from trainers.rl.policy import (GaussianLatentPolicy, SampleMoments, gaussian_kl, gaussian_log_prob,
+                               gaussian_log_prob_moments, sample_moments)
 from trainers.rl.rewards import iou_reward, segmentation_rewards, weighted_reward
 
 __all__ = [
     "Baseline", "group_advantages",
     "ema_update", "ppo_clip_loss", "ppo_stats",
-    "GaussianLatentPolicy", "gaussian_kl", "gaussian_log_prob",
+    "GaussianLatentPolicy", "SampleMoments", "gaussian_kl", "gaussian_log_prob", "gaussian_log_prob_moments",
+    "sample_moments",
     "iou_reward", "segmentation_rewards", "weighted_reward",
 ]

@@ -44,15 +44,19 @@ def ema_update(target_module: nn.Module, source_module: nn.Module, eta: float) -
     trainable = [n for n, p in target_module.named_parameters() if p.requires_grad]
     if trainable:
         raise ValueError(f"ema_update target must have requires_grad False; trainable: {trainable[:3]}")
-    src_params = dict(source_module.named_parameters())
+    src_params, src_bufs = dict(source_module.named_parameters()), dict(source_module.named_buffers())
     olds = [p for _, p in target_module.named_parameters()]
     news = [src_params[name].detach() for name, _ in target_module.named_parameters()]
-    torch._foreach_mul_(olds, eta)                     # eta * old + (1 - eta) * new, a few fused calls per step
-    torch._foreach_add_(olds, torch._foreach_mul(news, 1.0 - eta))
-    src_bufs = dict(source_module.named_buffers())
     for name, b_old in target_module.named_buffers():
-        b_new = src_bufs[name].detach()
         if b_old.is_floating_point():
-            b_old.mul_(eta).add_((1.0 - eta) * b_new)
+            olds.append(b_old)
+            news.append(src_bufs[name].detach())
         else:
-            b_old.copy_(b_new)
+            b_old.copy_(src_bufs[name])
+    if olds and olds[0].device.type == "cpu":
+        # on CPU the out-of-place torch._foreach_mul costs ~4x this loop (0.7 vs 0.15 ms for the policy)
+        for old, new in zip(olds, news):
+            old.mul_(eta).add_((1.0 - eta) * new)
+    else:                                              # eta * old + (1 - eta) * new, a few fused calls per step
+        torch._foreach_mul_(olds, eta)
+        torch._foreach_add_(olds, torch._foreach_mul(news, 1.0 - eta))
