@@ -6,7 +6,6 @@ writes trials.parquet / epochs.parquet as trials end, so a killed sweep keeps wh
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys

@@ -197,7 +197,6 @@ def test_tiny_search_prunes_confirms_and_leaves_study_parquet_and_mlflow(search_
 
 @pytest.mark.integration
 def test_resume_continues_an_interrupted_search_without_rerunning_finished_trials(search_spec, tmp_path):
-    import os
     import signal
     import time
 
