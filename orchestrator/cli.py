@@ -36,6 +36,9 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun", action="store_true",
                    help="train every cell, even those that finished in an earlier run of this spec with the same "
                         "config, seed and code version (by default those are reused)")
+    p.add_argument("--fill", metavar="RUN_DIR",
+                   help="rerun only the failed or missing cells of that run folder of this spec (its own profile and "
+                        "overrides) and re-render its table")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue an interrupted run of this spec (default: its newest unfinished run folder) "
                         "with its own profile and overrides; finished trials are not run again")
@@ -58,9 +61,12 @@ def sweep_main(argv: list[str] | None = None) -> int:
     from orchestrator.spec import SearchPlan, SpecError, resolve
 
     resume = None
+    if args.fill and args.resume:
+        print("rlseg-sweep: command line: give --fill or --resume, not both", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
-        if args.resume:
-            resume, plan = _resumable(args)
+        if args.resume or args.fill:
+            resume, plan = _resumable(args, "--fill" if args.fill else "--resume")
         else:
             plan = resolve(args.spec, profile=args.profile, overrides=args.overrides)
     except SpecError as e:
@@ -80,7 +86,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
     else:
         from orchestrator.sweep import run_sweep as run
     out = run(plan, results_root=Path(args.results_dir), address=args.address,
-              max_concurrent=args.max_concurrent, verbose=1 + args.verbose, resume=resume, reuse=not args.rerun)
+              max_concurrent=args.max_concurrent, verbose=1 + args.verbose, resume=resume, reuse=not args.rerun,
+              **({"fill": True} if args.fill else {}))
     if out.interrupted:
         print(f"\ninterrupted; what finished is kept in {out.run_dir}. Continue with:\n"
               f"  rlseg-sweep {args.spec} --resume {out.run_dir} --results-dir {args.results_dir}", file=sys.stderr)
@@ -101,46 +108,51 @@ def sweep_main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _resumable(args):
-    """(run folder, plan) for --resume: the run's own profile and overrides, and the spec must resolve as it did."""
+def _resumable(args, flag: str = "--resume"):
+    """(run folder, plan) for --resume / --fill: the run's own profile and overrides, and the spec must resolve as it
+    did. --fill takes a finished run too (it reruns the failed and missing cells)."""
     import yaml
 
     from orchestrator import results
     from orchestrator.spec import SpecError, load_spec, resolve
 
     if args.profile or args.overrides:
-        raise SpecError("command line: --resume takes the run's own --profile and overrides; give neither")
+        raise SpecError(f"command line: {flag} takes the run's own --profile and overrides; give neither")
     name = load_spec(args.spec).name
-    if args.resume == "latest":
+    wanted = args.resume if flag == "--resume" else args.fill
+    if wanted == "latest":
         try:
             runs = results.unfinished_runs(Path(args.results_dir), name)
         except (OSError, ValueError, AttributeError) as e:   # a damaged run.json: not JSON, not UTF-8, not a mapping
-            raise SpecError(f"command line: --resume: a run folder under {args.results_dir}/{name}/ cannot be read "
+            raise SpecError(f"command line: {flag}: a run folder under {args.results_dir}/{name}/ cannot be read "
                             f"({e.__class__.__name__}: {e})") from None
         if not runs:
-            raise SpecError(f"command line: --resume: no unfinished run of {name!r} under {args.results_dir}/{name}/")
+            raise SpecError(f"command line: {flag}: no unfinished run of {name!r} under {args.results_dir}/{name}/")
         run_dir = runs[0]
     else:
-        run_dir = Path(args.resume)
+        run_dir = Path(wanted)
     state = _run_file(run_dir, results.RUN_STATE, results.read_state)
     if not state:
-        raise SpecError(f"command line: --resume: {run_dir} is not a run folder of rlseg-sweep (no run.json)")
+        raise SpecError(f"command line: {flag}: {run_dir} is not a run folder of rlseg-sweep (no run.json)")
     profile, overrides = (state.get("profile"), state.get("overrides") or []) if isinstance(state, dict) else (0, 0)
     if not (isinstance(profile, (str, type(None))) and isinstance(overrides, list)
             and all(isinstance(o, str) for o in overrides)):
-        raise SpecError(f"command line: --resume: {run_dir / results.RUN_STATE}: not as rlseg-sweep writes it "
+        raise SpecError(f"command line: {flag}: {run_dir / results.RUN_STATE}: not as rlseg-sweep writes it "
                         f"(a mapping with a profile name and a list of overrides)")
-    if state.get("phase") == "done":
-        raise SpecError(f"command line: --resume: {run_dir} finished; nothing to resume (rlseg-table re-renders it)")
+    if flag == "--fill" and state.get("kind") == "search":
+        raise SpecError(f"command line: --fill: {run_dir} is a search run; --fill refills ablation runs "
+                        f"(an interrupted search continues with --resume)")
+    if state.get("phase") == "done" and flag == "--resume":
+        raise SpecError(f"command line: {flag}: {run_dir} finished; nothing to resume (rlseg-table re-renders it)")
     plan = resolve(args.spec, profile=profile, overrides=overrides)
     def what(resolved: dict) -> dict:   # everything but the paths as typed (a resume may run from another folder)
         return {k: v for k, v in resolved.items() if k not in ("spec_path", "space_path")}
 
     before = _run_file(run_dir, "spec.resolved.yaml", lambda d: yaml.safe_load((d / "spec.resolved.yaml").read_text()))
     if not (isinstance(before, dict) and isinstance(before.get("spec"), dict)):
-        raise SpecError(f"command line: --resume: {run_dir / 'spec.resolved.yaml'}: not as rlseg-sweep writes it")
+        raise SpecError(f"command line: {flag}: {run_dir / 'spec.resolved.yaml'}: not as rlseg-sweep writes it")
     if before["spec"].get("name") != name:
-        raise SpecError(f"command line: --resume: {run_dir} is a run of {before['spec'].get('name')!r}, not {name!r}")
+        raise SpecError(f"command line: {flag}: {run_dir} is a run of {before['spec'].get('name')!r}, not {name!r}")
     if what(before) != what(yaml.safe_load(yaml.safe_dump(plan.resolved(), sort_keys=False))):
         raise SpecError(f"{args.spec}: the spec (or a preset it uses) changed since {run_dir} started; "
                         f"resuming would mix two configurations (start a new run instead)")

@@ -133,15 +133,16 @@ class SweepRecorder:
         self.resumed: set[str] = set()      # trials that ended in an earlier process (preload)
         self.interrupted = 0                # set by the caller from finish()
 
-    def preload(self) -> None:
+    def preload(self, refill: bool = False) -> None:
         """A resumed run: the trials that ended before (from this folder's Parquet) stay as they are; trials that
-        were interrupted or never started are dropped here and recorded anew when Tune runs them."""
+        were interrupted or never started are dropped here and recorded anew when Tune runs them. `refill`
+        (--fill): failed trials are dropped too, so their cells run again."""
         path = self.out_dir / "trials.parquet"
         if not path.is_file():
             return
         trials, epochs, _ = results.read_run(self.out_dir)
         for rec in results.records(trials):
-            if rec["status"] == OK or (rec["status"] == FAILED and not _interrupted(rec["error"])):
+            if rec["status"] == OK or (rec["status"] == FAILED and not _interrupted(rec["error"]) and not refill):
                 self.trials[rec["trial_id"]] = rec
         kept = set(self.trials)
         self.epochs = [e for e in results.records(epochs) if e["trial_id"] in kept]
@@ -373,7 +374,8 @@ class Session:
         return tuner.fit()
 
     def run_grid(self, plan: Plan, max_concurrent: int | None, *, tags: dict[str, str] | None = None,
-                 name: str = "tune", notes: list[str] | None = None, reuse: bool = True) -> SweepRecorder:
+                 name: str = "tune", notes: list[str] | None = None, reuse: bool = True,
+                 refill: bool = False) -> SweepRecorder:
         """Every (row, seed) of `plan` as one Tune trial; trials.parquet etc. in the run folder. `notes`: lines
         printed under the table. `reuse`: a cell that finished in an earlier run of this spec with the same cell
         key (config, seed, code version) is taken from there instead of trained again."""
@@ -384,7 +386,9 @@ class Session:
         recorder = SweepRecorder({**table_meta(plan, self.sweep_id), "notes": notes or []}, self.run_dir,
                                  self.tracker, self.sweep_id, self.git_sha, total=len(cells), expected=cells,
                                  tags=tags, progress=self.verbose > 0)
-        recorder.preload()
+        recorder.preload(refill)
+        if refill:   # a new Tune experiment for the cells to refill (Tune's own would restore the old one)
+            name = f"fill-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
         have = {(r["row"], r["seed"]) for r in recorder.trials.values()}
         found = results.finished_cells(self.results_root / plan.spec.name, exclude=self.run_dir) if reuse else {}
         todo = []
@@ -508,9 +512,10 @@ def run_state(plan) -> dict[str, Any]:
 
 
 def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max_concurrent: int | None = None,
-              verbose: int = 1, resume: Path | None = None, reuse: bool = True) -> Outcome:
+              verbose: int = 1, resume: Path | None = None, reuse: bool = True, fill: bool = False) -> Outcome:
     """An ablation: rows x seeds, then the table. `resume`: an unfinished run folder of this plan to continue.
-    `reuse`: take cells that finished in earlier runs of this spec (same cell key) instead of training them."""
+    `reuse`: take cells that finished in earlier runs of this spec (same cell key) instead of training them.
+    `fill` (with `resume` = a run folder, finished or not): rerun its failed and missing cells, re-render the table."""
     slots = max_concurrent or default_max_concurrent(plan, os.cpu_count() or 1)
     profile = plan.profile or "embedded"
     with session(plan.spec.name, plan.resolved(), results_root=results_root, address=address, driver_slots=slots,
@@ -519,7 +524,7 @@ def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max
                          "rows": [r.name for r in plan.rows], "overrides": plan.overrides,
                          "metric": plan.spec.metric.name, "trials": len(plan.trials)},
                  state={**run_state(plan), "kind": "ablation"}, resume=resume) as s:
-        recorder = s.run_grid(plan, max_concurrent, reuse=reuse)
+        recorder = s.run_grid(plan, max_concurrent, reuse=reuse, refill=fill)
         summary, md = s.finish_table(recorder)
         failed = [r for r in recorder.trials.values() if r["status"] != OK]
         end_parent(s, failed, interrupted=recorder.interrupted > 0)

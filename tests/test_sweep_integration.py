@@ -166,3 +166,36 @@ def test_rerun_with_an_added_row_trains_only_the_new_cells(tmp_path):
 
     proc, third = sweep(tmp_path, one_row, "--rerun")   # --rerun trains even known cells
     assert proc.returncode == 0 and not pd.read_parquet(third / "trials.parquet")["reused"].any()
+
+
+def test_fill_reruns_only_the_failed_and_missing_cells(tmp_path):
+    from orchestrator import results
+
+    proc, run_dir = sweep(tmp_path, f"""
+        name: refill
+        seeds: [0, 1, 2]
+        base: {TINY}
+        rows:
+          - {{name: CE, set: {{resources.workers: 0}}}}
+    """, "--rerun")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials, _, meta = results.read_run(run_dir)
+    recs = {r["seed"]: r for r in results.records(trials)}
+    # seed 0's cell goes missing, seed 1's failed (as a lost node would leave them); seed 2 is fine
+    lost = [r for s, r in recs.items() if s != 0]
+    lost = [({**r, "status": "failed", "error": "WorkerGroupError: node lost"} if r["seed"] == 1 else r) for r in lost]
+    results.write_parquet(run_dir / "trials.parquet", lost, results.TRIAL_COLUMNS, meta)
+
+    spec = tmp_path / "spec.yaml"
+    proc = subprocess.run([str(BIN / "rlseg-sweep"), str(spec), "--fill", str(run_dir), "--results-dir",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "results" / "refill").iterdir()] == [run_dir.name]   # the same folder
+    after = pd.read_parquet(run_dir / "trials.parquet").set_index("seed")
+    assert sorted(after.index) == [0, 1, 2] and set(after["status"]) == {"ok"}
+    assert after.loc[2, "trial_id"] == recs[2]["trial_id"]                   # untouched
+    assert after.loc[0, "trial_id"] != recs[0]["trial_id"] and after.loc[1, "trial_id"] != recs[1]["trial_id"]
+    assert after.loc[1, "val/mIoU"] == recs[1]["val/mIoU"]                    # the same cell, trained again
+    assert "| CE " in (run_dir / "table.md").read_text() and "|    3 |" in (run_dir / "table.md").read_text()
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert len(epochs) == 6 and not epochs.duplicated(["trial_id", "epoch"]).any()
