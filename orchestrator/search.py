@@ -145,10 +145,12 @@ def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = No
             state = results.update_state(s.run_dir, phase="confirm", picks=picks, notes=notes,
                                          search_failed=search_failed)
         if not state["picks"]:
-            end_parent(s, state["search_failed"] or [{"error": "no search trial finished"}])
+            failed = state["search_failed"] or [{"row": "search", "seed": spec.trial_seed,
+                                                  "error": f"no search trial reported {spec.metric.name}"}]
+            end_parent(s, failed)
             return Outcome(run_dir=s.run_dir, summary=None, markdown="no search trial finished; nothing to confirm",
-                           failed=state["search_failed"], tracking_uri=s.tracker.uri, parent_run_id=s.parent_run_id,
-                           trials=spec.num_samples)
+                           failed=failed, tracking_uri=s.tracker.uri, parent_run_id=s.parent_run_id,
+                           trials=spec.num_samples, tracking_offline=s.tracker.offline)
         confirm = plan.confirm_plan([(name, values) for name, values in state["picks"]])
         grid = s.run_grid(confirm, max_concurrent, tags={"phase": "confirm"}, name="confirm", notes=state["notes"],
                           reuse=reuse)

@@ -250,6 +250,13 @@ class Tracker:
         """Reopen the parent run of an interrupted sweep (--resume): the same run collects the rest."""
         self.parent_id = run_id
         self.client.update_run(run_id, status="RUNNING")
+        # trials that were running when the sweep died (kill -9, lost node) never ended their runs: KILLED now;
+        # their cells run again under new nested runs
+        stale = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+        for run in stale or []:
+            self.client.set_tag(run.info.run_id, "error", "interrupted: the sweep stopped while this trial ran")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def start_trial(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str | None:
         if self.offline or self.parent_id is None:

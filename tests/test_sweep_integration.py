@@ -199,3 +199,64 @@ def test_fill_reruns_only_the_failed_and_missing_cells(tmp_path):
     assert "| CE " in (run_dir / "table.md").read_text() and "|    3 |" in (run_dir / "table.md").read_text()
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     assert len(epochs) == 6 and not epochs.duplicated(["trial_id", "epoch"]).any()
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    """kill -9 of the sweep's whole process group after two trials ended, then --resume: the same run folder and
+    parent run; the cells that had ended are not trained again (one FINISHED nested run each); the runs of the
+    trials cut off end KILLED; all 6 cells ok."""
+    import os
+    import signal
+    import time
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: killed
+        seeds: [0, 1, 2]
+        base: {TINY}
+        rows:
+          - {{name: CE}}
+          - {{name: CE + Dice, set: {{method.seg_loss.dice: 1.0}}}}
+    """))
+    results_dir = tmp_path / "results"
+    cmd = [str(BIN / "rlseg-sweep"), str(spec), "--results-dir", str(results_dir), "--rerun"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    ended = pd.DataFrame()
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = list(results_dir.glob("killed/*/trials.parquet"))
+            if found:
+                ended = pd.read_parquet(found[0])
+                if len(ended) >= 2:
+                    break
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)      # the driver and everything in its group, Ray's processes included
+        proc.wait(timeout=60)
+    assert 2 <= len(ended) < 6, "the sweep must be killed mid-way"
+    (run_dir,) = (results_dir / "killed").iterdir()
+
+    resumed = subprocess.run([str(BIN / "rlseg-sweep"), str(spec), "--resume", "--results-dir", str(results_dir)],
+                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [p.name for p in (results_dir / "killed").iterdir()] == [run_dir.name]
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(trials) == 6 and set(trials["status"]) == {"ok"}
+    before = ended.set_index("trial_id")
+    kept = trials.set_index("trial_id").loc[before.index]                # the cells that had ended: not retrained
+    assert list(kept["wall_s"]) == list(before["wall_s"]) and list(kept["mlflow_run_id"]) == list(before["mlflow_run_id"])
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert len(epochs) == 12 and not epochs.duplicated(["trial_id", "epoch"]).any()
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert not [r for r in nested if r.info.status == "RUNNING"]
+    for _, t in before.iterrows():   # exactly one FINISHED run per cell that had ended before the kill
+        same_cell = [r for r in nested if r.data.tags["row"] == t["row"] and int(r.data.tags["seed"]) == t["seed"]]
+        assert [r.info.status for r in same_cell] == ["FINISHED"]
+    assert sum(r.info.status == "FINISHED" for r in nested) == 6
