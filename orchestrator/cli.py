@@ -131,7 +131,7 @@ def _resumable(args, flag: str = "--resume"):
         run_dir = runs[0]
     else:
         run_dir = Path(wanted)
-    state = _run_file(run_dir, results.RUN_STATE, results.read_state)
+    state = _run_file(run_dir, results.RUN_STATE, results.read_state, flag)
     if not state:
         raise SpecError(f"command line: {flag}: {run_dir} is not a run folder of rlseg-sweep (no run.json)")
     profile, overrides = (state.get("profile"), state.get("overrides") or []) if isinstance(state, dict) else (0, 0)
@@ -148,7 +148,8 @@ def _resumable(args, flag: str = "--resume"):
     def what(resolved: dict) -> dict:   # everything but the paths as typed (a resume may run from another folder)
         return {k: v for k, v in resolved.items() if k not in ("spec_path", "space_path")}
 
-    before = _run_file(run_dir, "spec.resolved.yaml", lambda d: yaml.safe_load((d / "spec.resolved.yaml").read_text()))
+    before = _run_file(run_dir, "spec.resolved.yaml", lambda d: yaml.safe_load((d / "spec.resolved.yaml").read_text()),
+                       flag)
     if not (isinstance(before, dict) and isinstance(before.get("spec"), dict)):
         raise SpecError(f"command line: {flag}: {run_dir / 'spec.resolved.yaml'}: not as rlseg-sweep writes it")
     if before["spec"].get("name") != name:
@@ -159,7 +160,7 @@ def _resumable(args, flag: str = "--resume"):
     return run_dir, plan
 
 
-def _run_file(run_dir: Path, name: str, read):
+def _run_file(run_dir: Path, name: str, read, flag: str = "--resume"):
     """read(run_dir), with a missing or damaged file of the run folder as a SpecError (one line)."""
     import yaml
 
@@ -168,7 +169,7 @@ def _run_file(run_dir: Path, name: str, read):
     try:
         return read(run_dir)
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise SpecError(f"command line: --resume: {run_dir / name} cannot be read ({e.__class__.__name__}: "
+        raise SpecError(f"command line: {flag}: {run_dir / name} cannot be read ({e.__class__.__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
 

@@ -20,10 +20,19 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 25
     return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, cfg, ignore_index: int = 255) -> dict[str, torch.Tensor]:
-    """L_seg = cfg.ce * CE + cfg.dice * Dice; returns the total and its terms (for logging)."""
-    ce = F.cross_entropy(logits, target, ignore_index=ignore_index)
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, cfg, ignore_index: int = 255,
+                      pixel_ce: bool = False) -> dict[str, torch.Tensor]:
+    """L_seg = cfg.ce * CE + cfg.dice * Dice; returns the total and its terms (for logging).
+    pixel_ce: also return the per-pixel CE (B, H, W) as "pixel_ce" (0 on ignore pixels), CE being its mean over
+    the valid pixels (= F.cross_entropy's "mean"), for a caller that needs both (latent_rl's r^CE)."""
+    if pixel_ce:
+        per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+        ce = per_pixel.sum() / (target != ignore_index).sum()
+    else:
+        ce = F.cross_entropy(logits, target, ignore_index=ignore_index)
     out = {"loss_seg": cfg.ce * ce, "loss_ce": ce.detach()}
+    if pixel_ce:
+        out["pixel_ce"] = per_pixel
     if cfg.dice > 0:
         dice = dice_loss(logits, target, ignore_index)
         out["loss_seg"] = out["loss_seg"] + cfg.dice * dice

@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from trainers.config import MethodConfig, Strict
+from trainers.losses import segmentation_loss
 from trainers.methods import register_method
 from trainers.methods.base import SegMethod
 from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob,
@@ -173,9 +174,8 @@ class LatentRL(SegMethod):
         (one log-softmax for both). With a Dice term: self.seg_loss and None."""
         if self.cfg.seg_loss.dice > 0:
             return self.seg_loss(logits, masks), None
-        pixel_ce = F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="none")
-        ce = pixel_ce.sum() / (masks != self.ignore_index).sum()           # = F.cross_entropy's "mean"
-        return {"loss_seg": self.cfg.seg_loss.ce * ce, "loss_ce": ce.detach()}, pixel_ce
+        out = segmentation_loss(logits, masks, self.cfg.seg_loss, self.ignore_index, pixel_ce=True)
+        return out, out.pop("pixel_ce")
 
     def decode(self, z: torch.Tensor, s: torch.Tensor | None, size) -> torch.Tensor:
         return self.segmentor.decode(self.modulation(z, s), size)
