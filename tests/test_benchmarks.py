@@ -1,7 +1,10 @@
 """The benchmarks run (numbers are printed, never asserted on: see benchmarks/)."""
+import importlib.util
 import re
 import subprocess
 import sys
+
+import torch
 
 from conftest import REPO
 
@@ -13,6 +16,28 @@ def test_rl_overhead_runs_and_prints_the_ratio():
     ratio = re.search(r"embedded: latent_rl / supervised = ([0-9.]+)", out.stdout)
     assert ratio and float(ratio.group(1)) > 0, out.stdout
     assert "rewards (4 terms)" in out.stdout
+    flops = re.search(r"supervised ([0-9.]+) G, latent_rl ([0-9.]+) G; FLOP ratio ([0-9.]+)", out.stdout)
+    assert flops, out.stdout
+    sup, rl, ratio = map(float, flops.groups())
+    # tiny_cnn forward on 16 x 3 x 64 x 64: 38,633,472 MACs per image (six 3x3 convs), 1.236 GFLOP per batch; the
+    # step adds the backward, so more than 2x that; latent_rl does strictly more work on the same segmentor
+    assert sup > 2 * 1.236 and rl > sup and abs(ratio - rl / sup) < 2e-3, out.stdout
+    assert "segmentor.encoder 1.236 (+0.000)" in out.stdout, out.stdout
+
+
+def test_flop_counter_counts_the_cpu_flash_attention_kernel():
+    spec = importlib.util.spec_from_file_location("rl_overhead", REPO / "benchmarks" / "rl_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    b, heads, n, d = 2, 4, 16, 8
+    q, k, v = (torch.randn(b, heads, n, d, requires_grad=True) for _ in range(3))
+    counter = bench._counter()
+    with counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * b * heads * n * n * d)          # Q K^T and P V
+    with counter:                                                                 # counts anew
+        out.sum().backward()
+    assert counter.get_total_flops() == 5 * (2 * b * heads * n * n * d)          # Q K^T again, dV, dP, dQ, dK
 
 
 def test_clip_rl_step_runs_and_prints_time_and_memory():
