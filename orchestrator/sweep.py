@@ -441,13 +441,15 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
         run_dir = resume
     sweep_id = run_dir.name
 
+    # as ray.init would: RAY_ADDRESS (set by `ray job submit` in a job's driver) names the cluster to join
+    address = address or os.environ.get("RAY_ADDRESS") or None
     started_ray = not ray.is_initialized()
+    own_api_env, previous_api_env = started_ray and not address, os.environ.get(API_SERVER_ENV)
     if started_ray:
         if address:
             ray.init(address=address, log_to_driver=verbose > 2)
         else:
-            _warn_other_ray_instances()
-            ray.init(resources={DRIVER_RESOURCE: driver_slots}, log_to_driver=verbose > 2)
+            start_local_ray(driver_slots, verbose)
     try:
         cluster = ray.cluster_resources()
         git = results.git_info()
@@ -477,23 +479,69 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
     finally:
         if started_ray:
             ray.shutdown()
+        if own_api_env:
+            _restore_env(API_SERVER_ENV, previous_api_env)
+
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def start_local_ray(driver_slots: int, verbose: int) -> None:
+    """ray.init of a local Ray whose own processes know where its State API is. It leaves RAY_API_SERVER_ADDRESS
+    set: the caller restores it after ray.shutdown.
+
+    Ray Train 2.60 gives each trial a detached placement-group cleaner that asks the State API, with no address,
+    whether the trial's controller is alive. Without an address the State API looks for running GCS processes
+    and fails ("Found multiple active Ray instances") whenever the machine runs another Ray (a second sweep, a
+    test cluster): the placement groups of trials Tune stops early (ASHA) or interrupts were then never freed and
+    later trials waited for ever. So the dashboard (the State API's server) starts on a loopback port chosen here,
+    and its URL goes into RAY_API_SERVER_ADDRESS before ray.init, which Ray's processes inherit and which the
+    State API takes before anything else."""
+    import ray
+
+    port = _free_loopback_port()
+    previous = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        # "local": a new instance even where `ray start` left its address in /tmp/ray (ray.init's default joins it)
+        context = ray.init(address="local", resources={DRIVER_RESOURCE: driver_slots}, log_to_driver=verbose > 2,
+                           dashboard_host="127.0.0.1", dashboard_port=port)
+    except BaseException:
+        _restore_env(API_SERVER_ENV, previous)
+        raise
+    if getattr(context, "dashboard_url", None) != f"127.0.0.1:{port}":   # the port was taken meanwhile, or no
+        _warn_other_ray_instances()                                        # dashboard: the old hazard is back
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _restore_env(key: str, previous: str | None) -> None:
+    if previous is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = previous
 
 
 def _warn_other_ray_instances() -> None:
-    """Ray Train 2.60's placement-group cleaner finds "its" cluster by looking for running GCS processes and gives
-    up when there are several; the placement groups of trials that Tune stops (ASHA, Ctrl-C) then keep their
-    CPUs and later trials wait for ever. Seen on this machine; say so before starting a second local Ray."""
+    """Without RAY_API_SERVER_ADDRESS pointing at this Ray's own dashboard (start_local_ray), Ray Train's
+    placement-group cleaner cannot tell several local Ray instances apart; say so when there are others."""
     try:
         from ray._private.services import find_gcs_addresses
 
         others = find_gcs_addresses()
     except Exception:   # a private helper: if it moved, skip the check
         return
-    if others:
-        print(f"warning: {len(others)} other Ray instance(s) run on this machine ({', '.join(sorted(others))}). "
-              "With several local Ray instances, Ray Train cannot release the resources of trials stopped early "
-              "(ASHA) or interrupted, and later trials may wait for ever: run one sweep at a time, or run sweeps "
-              "on one `ray start` cluster with --address.", file=sys.stderr, flush=True)
+    if len(others) > 1:   # this sweep's own Ray is one of them
+        print(f"warning: {len(others) - 1} other Ray instance(s) run on this machine and this Ray's dashboard did "
+              "not start on its own port: Ray Train may not release the resources of trials stopped early (ASHA) "
+              "or interrupted, and later trials may wait for ever. Run one sweep at a time, or run sweeps on one "
+              "`ray start` cluster with --address.", file=sys.stderr, flush=True)
 
 
 def end_parent(s: Session, failed: list[dict[str, Any]], interrupted: bool = False) -> None:

@@ -78,7 +78,8 @@ def two_node_cluster():
 
 
 @pytest.mark.integration
-def test_ddp_trial_over_two_nodes_trains_disjoint_shards_to_identical_weights(tmp_path, two_node_cluster):
+def test_ddp_trial_over_two_nodes_trains_disjoint_shards_to_identical_weights(tmp_path, two_node_cluster,
+                                                                              monkeypatch):
     from orchestrator.sweep import run_sweep
 
     spec = tmp_path / "multinode.yaml"
@@ -93,8 +94,9 @@ def test_ddp_trial_over_two_nodes_trains_disjoint_shards_to_identical_weights(tm
           - {name: ddp}
     """))
     t0 = time.perf_counter()
-    outcome = run_sweep(resolve(spec), results_root=tmp_path / "results", address=two_node_cluster.address,
-                        verbose=0)
+    # the cluster's address as `ray job submit` hands it to a job's driver: in RAY_ADDRESS, no --address
+    monkeypatch.setenv("RAY_ADDRESS", two_node_cluster.address)
+    outcome = run_sweep(resolve(spec), results_root=tmp_path / "results", address=None, verbose=0)
     print(f"two-node trial: {time.perf_counter() - t0:.1f}s")
     trials = pd.read_parquet(outcome.run_dir / "trials.parquet")
     assert list(trials["status"]) == ["ok"], trials["error"].tolist()
