@@ -56,7 +56,7 @@ def _torch_trainer(config: dict[str, Any], storage_path: str, trial_id: str) -> 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers.loop import train_worker
+    from trainers.loop import DIVERGED, TrainingDiverged, train_worker
 
     trainer = TorchTrainer(
         train_worker,
@@ -71,7 +71,9 @@ def _torch_trainer(config: dict[str, Any], storage_path: str, trial_id: str) -> 
             failure_config=ray.train.FailureConfig(max_failures=config["resources"]["max_failures"]),
         ),
     )
-    trainer.fit()  # raises TrainingFailedError once max_failures retries failed too: Tune records the trial as errored
+    result = trainer.fit()   # raises TrainingFailedError once max_failures retries failed too: the trial errors
+    if (result.metrics or {}).get(DIVERGED):   # not retried (train_worker): the trial errors with the reason
+        raise TrainingDiverged(result.metrics[DIVERGED])
 
 
 def _in_process(config: dict[str, Any]) -> None:

@@ -14,7 +14,8 @@ import yaml
 
 from conftest import REPO, tiny
 from trainers.config import Config
-from trainers.loop import InjectedFaultError, TrainingDiverged, fit, read_checkpoint, write_checkpoint
+from trainers.loop import (DIVERGED_FILE, InjectedFaultError, TrainingDiverged, fit, read_checkpoint,
+                           write_checkpoint)
 
 TIMING = ("time/", "train/images_per_s")     # wall-clock measurements: the only metrics allowed to differ
 
@@ -62,6 +63,13 @@ def test_nan_fault_raises_training_diverged_in_that_epoch():
     final, reports = run(tiny(schedule={"epochs": 3}, debug=fault("nan", 2, step=1)))
     assert isinstance(final, TrainingDiverged) and "in epoch 2" in str(final)
     assert [m["epoch"] for m, _ in reports] == [1]
+
+
+def test_checkpoint_of_a_diverged_run_raises_again(tmp_path):
+    """The last checkpoint of a Ray Train run that diverged holds the reason instead of a state (train_worker)."""
+    (tmp_path / DIVERGED_FILE).write_text("training loss became nan in epoch 2")
+    with pytest.raises(TrainingDiverged, match="^training loss became nan in epoch 2$"):
+        read_checkpoint(str(tmp_path), rank=1)
 
 
 def test_raise_fault_names_where_it_struck():
@@ -163,7 +171,9 @@ TINY4 = {"data": {"image_size": 32, "train_size": 32, "val_size": 16}, "schedule
 def fault_sweep(tmp_path_factory):
     """One real sweep of one seed, three rows (Ray start-up is paid once): `clean` never fails; `killed` loses its
     worker process in epoch 3, after the epoch-2 checkpoint, and Ray Train restarts it from that checkpoint
-    (resources.max_failures: 2, the default); `raises` raises in epoch 2 with no retry allowed."""
+    (resources.max_failures: 2, the default); `raises` raises in epoch 2 with no retry allowed; `diverges` gets a NaN
+    loss in epoch 2 and, retries allowed, is not retried (a retry from the epoch-1 checkpoint would run without
+    the fault and end ok)."""
     from orchestrator.spec import resolve
     from orchestrator.sweep import run_sweep
 
@@ -173,10 +183,11 @@ def fault_sweep(tmp_path_factory):
         {"name": "clean"},
         {"name": "killed", "set": {"debug.fault": {"kind": "exit", "epoch": 3}}},
         {"name": "raises", "set": {"resources.max_failures": 0, "debug.fault": {"kind": "raise", "epoch": 2}}},
+        {"name": "diverges", "set": {"debug.fault": {"kind": "nan", "epoch": 2}}},
     ]}, sort_keys=False))
     t0 = time.perf_counter()
     outcome = run_sweep(resolve(spec), results_root=tmp_path / "results", verbose=0)
-    print(f"fault sweep, 3 trials: {time.perf_counter() - t0:.1f}s")
+    print(f"fault sweep, 4 trials: {time.perf_counter() - t0:.1f}s")
     trials = pd.read_parquet(outcome.run_dir / "trials.parquet").set_index("row")
     epochs = pd.read_parquet(outcome.run_dir / "epochs.parquet")
     return outcome, trials, epochs
@@ -213,5 +224,15 @@ def test_failure_without_retries_fails_the_trial_and_the_sweep_goes_on(fault_swe
     assert raises["error"] == "InjectedFaultError: debug.fault: injected failure in epoch 2 step 0 on rank 0"
     assert raises["epochs"] == 1
     assert list(epochs[epochs["trial_id"] == raises["trial_id"]]["epoch"]) == [1]
-    assert [r["row"] for r in outcome.failed] == ["raises"]
+    assert sorted(r["row"] for r in outcome.failed) == ["diverges", "raises"]
     assert trials.loc["clean", "status"] == "ok" and trials.loc["clean", "epochs"] == 4
+
+
+@pytest.mark.integration
+def test_divergence_fails_the_trial_at_once_without_retries(fault_sweep):
+    outcome, trials, epochs = fault_sweep
+    diverges = trials.loc["diverges"]
+    assert diverges["status"] == "failed" and diverges["trial_path"] == "torch_trainer"
+    assert diverges["error"] == "TrainingDiverged: training loss became nan in epoch 2"
+    assert diverges["epochs"] == 1      # the divergence report is not an epoch
+    assert list(epochs[epochs["trial_id"] == diverges["trial_id"]]["epoch"]) == [1]

@@ -90,7 +90,8 @@ class ResourcesConfig(Strict):
     placement: Literal["pack", "spread"] = "pack"
     # how many times Ray Train restarts a trial's workers after one of them fails (raised, or its process died),
     # each time from the trial's latest epoch checkpoint (ray.train.FailureConfig(max_failures)); 0 = fail at once.
-    # Any worker error counts, TrainingDiverged too (it re-diverges unless the cause was transient).
+    # Any worker error counts except TrainingDiverged: resuming is exact, so a diverged run would diverge again,
+    # and the trial fails at once with it.
     max_failures: int = Field(2, ge=0)
 
 
@@ -99,7 +100,8 @@ class FaultConfig(Strict):
 
     kind: none (default) | raise (InjectedFaultError, an exception in the train loop) | exit (os._exit(1), as if
     the worker process were killed; under Ray it first waits until Ray Train has taken the previous epoch's report,
-    so the retry starts from that checkpoint) | nan (that step's loss becomes NaN: TrainingDiverged at the epoch end).
+    so the retry starts from that checkpoint) | nan (that step's loss becomes NaN: TrainingDiverged at the epoch end,
+    never retried).
     It fires only in an attempt that started without a checkpoint (a fresh fit, or the first Ray Train attempt):
     a retry resumes from the latest epoch checkpoint and runs on without it. So a fault in epoch e >= 2 fires once
     and is retried from the epoch e-1 checkpoint; a fault in epoch 1 has no checkpoint before it and fires in every

@@ -50,6 +50,10 @@ RNG_DIR = "rng"                   # rng/rank<r>.pt: ranks other than 0 (rank 0's
 LIST_INDICES_UP_TO = 4096         # per epoch; larger shards keep only count + sha256
 
 
+DIVERGED = "diverged"   # the metric of the last report of a Ray Train run that diverged (train_worker)
+DIVERGED_FILE = "diverged.txt"    # the reason, in that report's checkpoint (in place of state.pt)
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -215,16 +219,31 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rt = RayTrainRuntime(device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
                          world_size=ctx.get_world_size(), node_id=ray.get_runtime_context().get_node_id())
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = read_checkpoint(d, rt.rank)
-    _train(cfg, rt, rt.report, state)
+    try:
+        state = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = read_checkpoint(d, rt.rank)   # a restored run that had diverged: TrainingDiverged again
+        _train(cfg, rt, rt.report, state)
+    except TrainingDiverged as e:
+        # Ray Train restarts the workers from the latest checkpoint after any worker error, and resuming is exact:
+        # a diverged run would diverge again, max_failures times. Every rank gets here in the same epoch (the
+        # epoch's loss is all-reduced), so each reports the reason instead and ends normally; the trial raises
+        # it (orchestrator.trial). The report carries a checkpoint because Ray Train's Result.metrics are those
+        # of the latest checkpointed report.
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, DIVERGED_FILE), "w") as f:
+                f.write(str(e))
+            ray.train.report({DIVERGED: str(e)}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def read_checkpoint(directory: str, rank: int = 0) -> dict[str, Any]:
-    """The state a rank resumes from: state.pt, with this rank's own RNG state where the folder has one."""
+    """The state a rank resumes from: state.pt, with this rank's own RNG state where the folder has one. The
+    checkpoint of a run that diverged (train_worker) raises TrainingDiverged again."""
+    if os.path.isfile(os.path.join(directory, DIVERGED_FILE)):
+        with open(os.path.join(directory, DIVERGED_FILE)) as f:
+            raise TrainingDiverged(f.read())
     state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
     own_rng = os.path.join(directory, RNG_DIR, f"rank{rank}.pt")
     if rank != 0 and os.path.isfile(own_rng):
