@@ -20,7 +20,6 @@ import yaml
 from orchestrator import results, tables, tracking
 from orchestrator.spec import Plan
 from orchestrator.trial import run_trial, trial_path
-from trainers.loop import DIVERGED
 
 OK, FAILED = "ok", "failed"
 METRIC_PREFIXES = ("train/", "val/", "time/")
@@ -164,7 +163,7 @@ class SweepRecorder:
                                                  status="running", mlflow_run_id=run_id), **cell.extra}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if trial.trial_id in self.resumed or DIVERGED in result:   # a divergence, not an epoch: the trial errors
+        if trial.trial_id in self.resumed:
             return
         rec = self.trials[trial.trial_id]
         metrics = {k: float(v) for k, v in result.items()

@@ -58,6 +58,14 @@ def _torch_trainer(config: dict[str, Any], storage_path: str, trial_id: str) -> 
 
     from trainers.loop import DIVERGED, TrainingDiverged, train_worker
 
+    class EpochsToTune(TuneReportCallback):
+        """Ray Train's reports to Tune, except a divergence (train_worker): it is no epoch and lacks the metric
+        that a search or scheduler expects (Tune stops the whole run on such a result); the trial raises it."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if DIVERGED not in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
@@ -65,7 +73,7 @@ def _torch_trainer(config: dict[str, Any], storage_path: str, trial_id: str) -> 
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",          # stable per trial: a restored trial finds its checkpoints
             storage_path=storage_path,
-            callbacks=[TuneReportCallback()],
+            callbacks=[EpochsToTune()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # a failed worker group restarts from the latest checkpoint (train_worker reads it)
             failure_config=ray.train.FailureConfig(max_failures=config["resources"]["max_failures"]),

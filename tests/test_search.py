@@ -242,3 +242,20 @@ def test_resume_continues_an_interrupted_search_without_rerunning_finished_trial
     finished = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("phase") == "search"]
     assert sorted(r.data.tags["row"] for r in finished) == ["search 01", "search 02", "search 03"]   # each once
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_search_whose_trials_diverge_records_them_failed_without_retries(search_spec, tmp_path):
+    """A diverged trial's last report is no epoch and has no metric: Tune, which stops a whole search on a result
+    without the searcher's or scheduler's metric, never sees it; the trial fails with TrainingDiverged, once."""
+    space = SPACE.replace("params:\n", "params:\n  schedule.lr: {loguniform: [1.0e+29, 1.0e+30]}\n")
+    spec = search_spec(space=space, spec=SPEC.replace("num_samples: 4", "num_samples: 2"))
+    proc = subprocess.run([str(BIN / "rlseg-sweep"), str(spec), "--profile", "tiny", "--max-concurrent", "1",
+                           "--results-dir", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "did not include the specified metric" not in proc.stderr
+    (run_dir,) = (tmp_path / "results" / "demo_search").iterdir()
+    search = pd.read_parquet(run_dir / "search" / "trials.parquet")
+    assert list(search["status"]) == ["failed", "failed"], search["error"].tolist()
+    assert all(e.startswith("TrainingDiverged: training loss became") for e in search["error"]), search["error"]
+    assert list(search["epochs"]) == [0, 0]
