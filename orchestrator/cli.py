@@ -30,7 +30,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
                    help="config overrides applied to every row before the row's own `set`")
     p.add_argument("--profile", help="a profile of the spec (default: the embedded default)")
     p.add_argument("--dry-run", action="store_true", help="print the trial matrix and exit; starts nothing")
-    p.add_argument("--address", help="Ray cluster address (e.g. auto or ray://head:10001); default: $RAY_ADDRESS if set, else a new local Ray")
+    p.add_argument("--address", help="Ray cluster address (e.g. auto or ray://head:10001); "
+                   "default: $RAY_ADDRESS if set, else a new local Ray")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
     p.add_argument("--results-dir", default="results", help="results root (default: ./results)")
     p.add_argument("--rerun", action="store_true",
