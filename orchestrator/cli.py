@@ -111,7 +111,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
 def _resumable(args, flag: str = "--resume"):
     """(run folder, plan) for --resume / --fill: the run's own profile and overrides, and the spec must resolve as it
-    did. --fill takes a finished run too (it reruns the failed and missing cells)."""
+    did; the run's --max-concurrent unless one is given. --fill takes a finished run too (it reruns the failed and
+    missing cells)."""
     import yaml
 
     from orchestrator import results
@@ -143,6 +144,9 @@ def _resumable(args, flag: str = "--resume"):
     if flag == "--fill" and state.get("kind") == "search":
         raise SpecError(f"command line: --fill: {run_dir} is a search run; --fill refills ablation runs "
                         f"(an interrupted search continues with --resume)")
+    stored = state.get("max_concurrent")
+    if args.max_concurrent is None and isinstance(stored, int) and not isinstance(stored, bool) and stored >= 1:
+        args.max_concurrent = stored        # as many trials at a time as the run had, unless given anew
     if state.get("phase") == "done" and flag == "--resume":
         raise SpecError(f"command line: {flag}: {run_dir} finished; nothing to resume (rlseg-table re-renders it)")
     plan = resolve(args.spec, profile=profile, overrides=overrides)

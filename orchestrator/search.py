@@ -128,7 +128,7 @@ def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = No
                          "num_samples": spec.num_samples, "sampler": spec.sampler.model_dump(),
                          "scheduler": spec.scheduler.model_dump(), "confirm": spec.confirm.model_dump(),
                          "overrides": plan.overrides, "metric": spec.metric.name},
-                 state={**run_state(plan), "kind": "search"}, resume=resume) as s:
+                 state={**run_state(plan, max_concurrent), "kind": "search"}, resume=resume) as s:
         state = results.read_state(s.run_dir)
         search = _search_phase(s, plan, max_concurrent) if state.get("phase") != "confirm" else None
         if search is not None and search.interrupted:

@@ -554,9 +554,10 @@ def end_parent(s: Session, failed: list[dict[str, Any]], interrupted: bool = Fal
     results.update_state(s.run_dir, phase="done")
 
 
-def run_state(plan) -> dict[str, Any]:
-    """What run.json records so that `--resume` can rebuild the same plan."""
-    return {"spec_path": str(Path(plan.path).resolve()), "profile": plan.profile, "overrides": plan.overrides}
+def run_state(plan, max_concurrent: int | None) -> dict[str, Any]:
+    """What run.json records so that `--resume` can rebuild the same plan and run it as many trials at a time."""
+    return {"spec_path": str(Path(plan.path).resolve()), "profile": plan.profile, "overrides": plan.overrides,
+            "max_concurrent": max_concurrent}
 
 
 def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max_concurrent: int | None = None,
@@ -571,7 +572,7 @@ def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max
                  params={"spec": plan.spec.name, "profile": profile, "seeds": plan.spec.seeds,
                          "rows": [r.name for r in plan.rows], "overrides": plan.overrides,
                          "metric": plan.spec.metric.name, "trials": len(plan.trials)},
-                 state={**run_state(plan), "kind": "ablation"}, resume=resume) as s:
+                 state={**run_state(plan, max_concurrent), "kind": "ablation"}, resume=resume) as s:
         recorder = s.run_grid(plan, max_concurrent, reuse=reuse, refill=fill)
         summary, md = s.finish_table(recorder)
         failed = [r for r in recorder.trials.values() if r["status"] != OK]

@@ -208,3 +208,22 @@ def test_parse_assignments_types():
     for bad in ["=3", "a..b=1", "novalue", "a=[unclosed"]:
         with pytest.raises(OverrideError):
             parse_assignments([bad])
+
+
+def test_resume_keeps_the_runs_max_concurrent_unless_given_anew(write_spec, tmp_path, capsys):
+    import yaml
+
+    from orchestrator import results
+    from orchestrator.sweep import run_state
+
+    spec = write_spec(GOOD)
+    plan = resolve(spec, profile="quick")
+    run = tmp_path / "results" / "demo" / "20260101T000000Z-abcdef"
+    run.mkdir(parents=True)
+    results.update_state(run, **run_state(plan, 3), kind="ablation", phase="sweep")   # as the first start wrote it
+    (run / "spec.resolved.yaml").write_text(yaml.safe_dump(plan.resolved(), sort_keys=False))
+    common = (str(spec), "--resume", str(run), "--dry-run", "--results-dir", str(tmp_path / "results"))
+    rc, out, err = run_cli(capsys, *common)
+    assert rc == 0 and "max concurrent trials (local): 3" in out, err
+    rc, out, err = run_cli(capsys, *common, "--max-concurrent", "1")
+    assert rc == 0 and "max concurrent trials (local): 1" in out, err
