@@ -34,6 +34,7 @@ class NotARunFolder(Exception):
 @dataclass
 class Phase:
     """The trials of one Parquet folder (the run folder, or its search/ subfolder) and the tags their runs carry."""
+    folder: Path
     tags: dict[str, str]
     trials: list[dict[str, Any]]
     epochs: list[dict[str, Any]]
@@ -83,10 +84,10 @@ def read_folder(path: Path) -> RunFolder:
     folder = RunFolder(path, state, resolved, env.get("git_sha") or "unknown")
     search_dir = path / "search"
     if (search_dir / "trials.parquet").is_file():
-        folder.phases.append(Phase({"phase": "search"}, *_read_parquet(search_dir)))
+        folder.phases.append(Phase(search_dir, {"phase": "search"}, *_read_parquet(search_dir)))
     if (path / "trials.parquet").is_file():
         tags = {"phase": "confirm"} if search_dir.is_dir() else {}
-        folder.phases.append(Phase(tags, *_read_parquet(path)))
+        folder.phases.append(Phase(path, tags, *_read_parquet(path)))
     return folder
 
 
@@ -173,6 +174,7 @@ class Counts:
     completed: int = 0      # runs the sweep had started and left RUNNING
     there: int = 0
     not_run: int = 0        # cells the sweep never started (no run to copy)
+    named: int = 0          # trials.parquet rows given the MLflow run id the sweep could not write there
 
 
 class Sync:
@@ -210,12 +212,13 @@ class Sync:
             results.update_state(self.f.path, parent_run_id=run.info.run_id)
         return self.client.get_run(run.info.run_id)
 
-    def trial(self, parent_id: str, phase: Phase, rec: dict[str, Any]) -> None:
+    def trial(self, parent_id: str, phase: Phase, rec: dict[str, Any]) -> str | None:
+        """The trial's run, created or completed where needed -> its run id (None: the trial never started)."""
         from orchestrator.tracking import CELL_TAG, create_trial_run
 
         if rec.get("trial_id") is None:   # "not run: the sweep stopped before this trial started"
             self.counts.not_run += 1
-            return
+            return None
         cell = f"{self.f.sweep_id}/{rec['trial_id']}"
         mine = [r for r in self.runs if "mlflow.parentRunId" in r.data.tags and
                 r.data.tags.get(CELL_TAG, f"{r.data.tags.get('sweep_id')}/{r.data.tags.get('trial_id')}") == cell]
@@ -223,16 +226,17 @@ class Sync:
             run = sorted(mine, key=lambda r: r.info.start_time)[-1]
             if run.info.status in TERMINAL:
                 self.counts.there += 1
-                return
+                return run.info.run_id
             self._complete_trial(run, phase, rec)
             self.counts.completed += 1
-            return
+            return run.info.run_id
         tags = trial_run_tags(self.f, phase, rec)
         run_id = create_trial_run(self.client, self.experiment_id, parent_id, trial_run_name(rec),
                                   json.loads(rec["config_json"]), {**tags, **SYNC_TAG})
         self._log_epochs(run_id, epoch_metrics(phase, rec), have={})
         self.client.set_terminated(run_id, status=trial_status(rec))
         self.counts.created += 1
+        return run_id
 
     def _complete_trial(self, run, phase: Phase, rec: dict[str, Any]) -> None:
         from trainers.config import flatten
@@ -328,14 +332,33 @@ def sync(folder: RunFolder, uri: str, artifact_root: Path) -> Counts:
     s = Sync(client, folder, open_experiment(client, uri, folder.experiment, artifact_root))
     parent = s.parent()
     for phase in folder.phases:
-        for rec in phase.trials:
-            s.trial(parent.info.run_id, phase, rec)
+        run_ids = {rec["trial_id"]: s.trial(parent.info.run_id, phase, rec) for rec in phase.trials}
+        s.counts.named += record_run_ids(phase, run_ids)
     if parent.info.status in TERMINAL:
         s.counts.there += 1
     else:   # created just now, or left RUNNING by a sweep that lost MLflow
         s.counts.completed += not s.parent_created
         s.finish_parent(parent)
     return s.counts
+
+
+def record_run_ids(phase: Phase, run_ids: dict[str | None, str | None]) -> int:
+    """Write into the phase's trials.parquet the run id of each trial that has none there (the sweep could not
+    name it while MLflow was down): the run this sync created or completed, or found. Returns how many."""
+    import pyarrow.parquet as pq
+
+    from orchestrator import results
+
+    missing = [rec for rec in phase.trials if rec.get("mlflow_run_id") is None and run_ids.get(rec.get("trial_id"))]
+    if not missing:
+        return 0
+    for rec in missing:
+        rec["mlflow_run_id"] = run_ids[rec["trial_id"]]
+    path = phase.folder / "trials.parquet"
+    schema = pq.read_schema(path)
+    meta = json.loads((schema.metadata or {}).get(results.META_KEY, b"{}"))
+    results.write_parquet(path, phase.trials, list(schema.names), meta)
+    return len(missing)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -376,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
               f"MLflow answers", file=sys.stderr)
         return EXIT_MLFLOW_FAILED
     extra = f", {counts.not_run} never started (nothing to copy)" if counts.not_run else ""
+    extra += f"; {counts.named} run ids written to trials.parquet" if counts.named else ""
     print(f"rlseg-sync: {run_dir} -> {uri} (experiment {folder.experiment!r}): created {counts.created} runs, "
           f"{counts.there} already there, {counts.completed} completed{extra}")
     return EXIT_OK

@@ -141,9 +141,12 @@ def test_sync_completes_a_run_the_sweep_left_running_and_adds_the_rest_once(tmp_
     assert not tracker.offline
 
     first = sync(run_dir)
-    assert "created 0 runs, 1 already there, 2 completed" in first.stdout
+    assert "created 0 runs, 1 already there, 2 completed; 2 run ids written to trials.parquet" in first.stdout
     second = sync(run_dir)
-    assert "created 0 runs, 3 already there, 0 completed" in second.stdout
+    assert second.stdout.rstrip().endswith("created 0 runs, 3 already there, 0 completed")
+    written = pd.read_parquet(run_dir / "trials.parquet")    # the sweep had written None for both
+    assert list(written["mlflow_run_id"]) == [t["mlflow_run_id"] for t in trials]
+    assert list(written["val/mIoU"]) == [40.0, 41.0] and results.read_run(run_dir)[2]["spec"] == "synced"
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("synced").experiment_id])
@@ -295,5 +298,8 @@ def test_sweep_finishes_without_mlflow_and_sync_copies_what_it_missed_once(tmp_p
         # the trial the sweep logged before the stop is that same run, not a copy
         logged = trials.dropna(subset=["mlflow_run_id"])
         assert len(logged) >= 1 and set(logged["mlflow_run_id"]) <= {c.info.run_id for c in children}
+        # and trials.parquet now names every trial's run, the ones the sync made too
+        named = pd.read_parquet(run_dir / "trials.parquet").set_index("trial_id")["mlflow_run_id"]
+        assert {t: named[t] for t in by_trial.index} == {c.data.tags["trial_id"]: c.info.run_id for c in children}
     finally:
         stop_server(server)
