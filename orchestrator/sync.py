@@ -8,7 +8,7 @@ the flattened config, tags, metrics per epoch with step = epoch, FINISHED or FAI
 Runs are found before anything is created: the parent by its sweep_id tag, a trial by its identity tag
 rlseg.cell=<sweep_id>/<trial_id> (the sweep's own runs carry it too). A trial run the sweep left RUNNING (MLflow went
 away during the trial) is completed, not duplicated; a run that has ended is left as it is. So a second sync adds
-nothing.
+nothing. Each trial whose row in trials.parquet has no MLflow run id gets its run's id written there.
 
 Exit codes: 0 synced (one summary line); 1 MLflow failed (one line); 2 not a run folder (one line).
 """
