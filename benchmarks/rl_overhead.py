@@ -12,7 +12,7 @@ loading); the two methods run in alternating blocks of steps. Prints the median 
 ratio, and where latent_rl's extra time goes (forward-only: policy, modulation, the wider decoder, rewards).
 
 It also counts the arithmetic of one step of each (torch.utils.flop_counter: convolutions, matmuls and attention,
-forward and backward) and prints their ratio and where latent_rl's extra FLOPs go by module. The FLOP ratio is what
+forward and backward) and prints their ratio, and latent_rl's forward FLOPs by part. The FLOP ratio is what
 the method itself costs: on a device that runs both models at the same efficiency the time ratio cannot go below
 it, whatever the implementation; the time ratio above it is per-op overhead (small tensors, more kernels).
 key=value overrides go to the latent_rl tree of both settings before supervised is derived from it (same
@@ -145,7 +145,7 @@ def forward_flops(model, batch) -> dict[str, int]:
     top, parts = type(model).__name__, {}
     for name, ops in counter.get_flop_counts().items():
         path = name.split(".")[1:] if name.split(".")[0] == top else []
-        if path and (path[0] == "segmentor") == (len(path) == 2) and len(path) <= 2:
+        if path in (["segmentor", "encoder"], ["segmentor", "decoder"]) or len(path) == 1 and path != ["segmentor"]:
             parts[".".join(path)] = sum(ops.values())
     return parts
 
