@@ -18,8 +18,8 @@ from typing import Any
 
 from orchestrator.spec import SearchParam, SearchPlan, config_with
 from orchestrator import results
-from orchestrator.sweep import (FAILED, OK, Cell, Outcome, Session, SweepRecorder, end_parent, fitting_trials,
-                                run_state, session)
+from orchestrator.recorder import FAILED, OK, Cell, SweepRecorder
+from orchestrator.sweep import Outcome, Session, end_parent, fitting_trials, run_state, session
 from orchestrator.trial import run_trial
 
 STUDY_DB = "optuna.db"

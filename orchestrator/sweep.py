@@ -1,29 +1,27 @@
 """Run a Plan: rows x seeds -> Ray Tune trials (each a TorchTrainer) -> MLflow + Parquet + table.
 
-The Tune callback `SweepRecorder` runs in this (driver) process: it is the one MLflow writer and
-writes trials.parquet / epochs.parquet as trials end, so a killed sweep keeps what finished.
+The session (Ray, the run folder, the MLflow parent run) lives here; what each trial leaves in MLflow and Parquet
+is the recorder's (orchestrator.recorder), starting a local Ray is orchestrator.localray's.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from orchestrator import results, tables, tracking
+from orchestrator.localray import API_SERVER_ENV, DRIVER_RESOURCE, _restore_env, start_local_ray  # noqa: F401
+# RECORDERS: Tune experiments pickled before the recorder moved out of this module name it here
+from orchestrator.recorder import FAILED, OK, RECORDERS, Cell, SweepRecorder, as_tune_callback  # noqa: F401
 from orchestrator.spec import Plan
 from orchestrator.trial import run_trial, trial_path
-
-OK, FAILED = "ok", "failed"
-METRIC_PREFIXES = ("train/", "val/", "time/")
-DRIVER_RESOURCE = "TRAIN_DRIVER"
 
 
 @dataclass
@@ -62,201 +60,6 @@ def default_max_concurrent(plan: Plan, cpus: int) -> int:
     return fitting_trials([t.config for t in plan.trials], cpus)
 
 
-def error_line(text: str | None) -> str:
-    """The root cause of a Tune error trace, in one line ('TrainingDiverged: training loss became nan ...')."""
-    if not text:
-        return "unknown error (no trace recorded)"
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    pattern = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Diverged|Interrupt|Exit))(?:\(.*?\))?: (.+)$")
-    found = [m for m in map(pattern.match, lines) if m]
-    # Ray wraps the worker's exception several times; the innermost (last) one is the cause
-    inner = [m for m in found if m.group(1) not in ("TrainingFailedError", "RayTaskError", "TuneError")]
-    m = (inner or found or [None])[-1]
-    if not m:
-        return lines[-1][:500]
-    message = m.group(2)
-    if message.endswith(":"):   # e.g. "WorkerGroupError: Training failed due to worker errors:" + the cause below
-        after = lines[lines.index(m.group(0)) + 1:] if m.group(0) in lines else []
-        message = f"{message} {after[0]}" if after else message
-    return f"{m.group(1)}: {message}"[:1000]
-
-
-def _error_text(trial) -> str | None:
-    """Tune writes the trace to the trial's local (staging) folder first; storage gets it on the next sync."""
-    path = trial.error_file
-    if path and os.path.isfile(path):
-        with open(path, errors="replace") as f:
-            return f.read()
-    return trial.get_error()
-
-
-def _record(trial_id: str | None, row: str, row_index: int, seed: int, config: dict[str, Any], *, status: str,
-            error: str | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
-    """A trials.parquet row before any epoch arrived (metrics are added as they are reported)."""
-    return {"trial_id": trial_id, "row": row, "row_index": row_index, "seed": seed, "status": status, "error": error,
-            "trial_path": trial_path(config), "mlflow_run_id": mlflow_run_id, "epochs": 0, "wall_s": None,
-            "cell_key": results.cell_key(config), "code_version": results.code_version(), "reused": False,
-            "source_run": None, "device": "cuda" if config["resources"]["gpus_per_worker"] > 0 else "cpu",
-            "config_json": json.dumps(config, sort_keys=True)}
-
-
-@dataclass
-class Cell:
-    """What one Tune trial trains: a (row, seed) of an ablation, or a sampled config of a search."""
-    row: str
-    row_index: int
-    seed: int
-    config: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)    # more trials.parquet columns (a search's params)
-
-
-def grid_cell(trial) -> Cell:
-    t = trial.config["trial"]
-    return Cell(t["row"], t["row_index"], t["seed"], t["config"])
-
-
-class SweepRecorder:
-    """A ray.tune.Callback: per-trial MLflow runs and Parquet rows, built from what Tune sees.
-
-    cell_of(trial) says which cell a Tune trial is; `expected` cells that never started are recorded as failed
-    by finish(). Parquet goes to `out_dir` (the run folder, or its search/ subfolder)."""
-
-    def __init__(self, meta: dict[str, Any], out_dir: Path, tracker: tracking.Tracker, sweep_id: str,
-                 git_sha: str | None, *, total: int, expected: list[Cell] = (), cell_of=grid_cell,
-                 tags: dict[str, str] | None = None, progress: bool = True):
-        self.meta, self.out_dir, self.tracker, self.progress = meta, out_dir, tracker, progress
-        self.sweep_id, self.git_sha, self.total, self.expected = sweep_id, git_sha, total, list(expected)
-        self.cell_of, self.tags = cell_of, tags or {}
-        self.trials: dict[str, dict[str, Any]] = {}
-        self.epochs: list[dict[str, Any]] = []
-        self.started: dict[str, float] = {}
-        self.resumed: set[str] = set()      # trials that ended in an earlier process (preload)
-        self.interrupted = 0                # set by the caller from finish()
-
-    def preload(self, refill: bool = False) -> None:
-        """A resumed run: the trials that ended before (from this folder's Parquet) stay as they are; trials that
-        were interrupted or never started are dropped here and recorded anew when Tune runs them. `refill`
-        (--fill): failed trials are dropped too, so their cells run again."""
-        path = self.out_dir / "trials.parquet"
-        if not path.is_file():
-            return
-        trials, epochs, _ = results.read_run(self.out_dir)
-        for rec in results.records(trials):
-            if rec["status"] == OK or (rec["status"] == FAILED and not _interrupted(rec["error"]) and not refill):
-                self.trials[rec["trial_id"]] = rec
-        kept = set(self.trials)
-        self.epochs = [e for e in results.records(epochs) if e["trial_id"] in kept]
-        self.resumed = set(kept)
-
-    # --- Tune callback interface (ray.tune.Callback duck type; see as_tune_callback) ---
-    def on_trial_start(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.resumed:   # Tune restarts a trial that had ended after its last experiment save
-            return
-        cell = self.cell_of(trial)
-        run_id = self.tracker.start_trial(
-            run_name=f"{cell.row} | seed {cell.seed}", config=cell.config,
-            tags={"row": cell.row, "row_index": str(cell.row_index), "seed": str(cell.seed),
-                  "sweep_id": self.sweep_id, "git_sha": self.git_sha or "unknown", "trial_id": trial.trial_id,
-                  "trial_path": trial_path(cell.config), **self.tags})
-        self.started[trial.trial_id] = time.time()
-        self.trials[trial.trial_id] = {**_record(trial.trial_id, cell.row, cell.row_index, cell.seed, cell.config,
-                                                 status="running", mlflow_run_id=run_id), **cell.extra}
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if trial.trial_id in self.resumed:
-            return
-        rec = self.trials[trial.trial_id]
-        metrics = {k: float(v) for k, v in result.items()
-                   if k.startswith(METRIC_PREFIXES) and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        # a trial resumed from an epoch checkpoint reports the epochs after it; one row per (trial, epoch) whatever
-        self.epochs = [e for e in self.epochs if (e["trial_id"], e["epoch"]) != (trial.trial_id, epoch)]
-        self.epochs.append({"trial_id": trial.trial_id, "row": rec["row"], "row_index": rec["row_index"],
-                            "seed": rec["seed"], "epoch": epoch, **metrics})
-        rec["epochs"] = epoch
-        rec.update(metrics)   # the trial's final metrics are its last report's
-        self.tracker.log_metrics(rec["mlflow_run_id"], metrics, step=epoch)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.resumed:
-            return
-        rec = self.trials[trial.trial_id]
-        if rec["epochs"] == 0:
-            self._end(trial, FAILED, "the trial ended without reporting any epoch")
-        else:
-            self._end(trial, OK, None)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.resumed:
-            return
-        self._end(trial, FAILED, error_line(_error_text(trial)))
-
-    def _end(self, trial, status: str, error: str | None) -> None:
-        rec = self.trials[trial.trial_id]
-        rec.update(status=status, error=error, wall_s=time.time() - self.started[trial.trial_id])
-        planned = json.loads(rec["config_json"])["schedule"]["epochs"]
-        rec["stopped_early"] = status == OK and rec["epochs"] < planned     # by the scheduler (ASHA)
-        if rec["stopped_early"]:
-            self.tracker.client.set_tag(rec["mlflow_run_id"], "stopped_early", f"after epoch {rec['epochs']}")
-        self.tracker.end_run(rec["mlflow_run_id"], ok=status == OK, error=error)
-        self.flush()
-        if self.progress:
-            done = sum(r["status"] in (OK, FAILED) for r in self.trials.values())
-            metric = self.meta["metric"]
-            what = f"{metric}={rec[metric]:.2f}" if status == OK and metric in rec else (error or "")
-            early = " (stopped early)" if rec["stopped_early"] else ""
-            print(f"[{done}/{self.total}] {rec['row']} | seed {rec['seed']}: {status} {what}{early} "
-                  f"({rec['wall_s']:.1f}s, {rec['epochs']} epochs)", flush=True)
-
-    def finish(self) -> int:
-        """After Tune returns: cells that never ran or never ended (an interrupted sweep) count as failed.
-        Returns how many there are (0 unless the sweep was interrupted)."""
-        seen = {(r["row"], r["seed"]) for r in self.trials.values()}
-        for rec in self.trials.values():
-            if rec["status"] not in (OK, FAILED):
-                rec.update(status=FAILED, error="interrupted: the trial did not end")
-                self.tracker.end_run(rec["mlflow_run_id"], ok=False, error=rec["error"])
-        for c in self.expected:
-            if (c.row, c.seed) not in seen:
-                self.trials[f"not-run-{c.row_index}-{c.seed}"] = _record(
-                    None, c.row, c.row_index, c.seed, c.config, status=FAILED,
-                    error="not run: the sweep stopped before this trial started")
-        self.flush()
-        return sum(r["status"] == FAILED and _interrupted(r["error"]) for r in self.trials.values())
-
-    def adopt(self, cell: Cell, source_run: Path, source: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
-        """A cell finished in an earlier run of this spec (same cell key): recorded as reused, not trained. Its
-        MLflow run here only links to the source run (tags), the metrics stay there."""
-        run_id = self.tracker.start_trial(
-            run_name=f"{cell.row} | seed {cell.seed} (reused)", config=cell.config,
-            tags={"row": cell.row, "row_index": str(cell.row_index), "seed": str(cell.seed), "sweep_id": self.sweep_id,
-                  "trial_id": source["trial_id"], "reused": "true", "source_run": source_run.name,
-                  "source_mlflow_run_id": source.get("mlflow_run_id") or "", **self.tags})
-        self.tracker.end_run(run_id, ok=True)
-        rec = {**source, **cell.extra, "row": cell.row, "row_index": cell.row_index, "seed": cell.seed,
-               "reused": True, "source_run": source_run.name, "mlflow_run_id": run_id}
-        self.trials[rec["trial_id"]] = rec
-        self.resumed.add(rec["trial_id"])
-        self.epochs += [{**e, "row": cell.row, "row_index": cell.row_index} for e in epochs]
-
-    def ended(self) -> list[dict[str, Any]]:
-        return [r for r in self.trials.values() if r["status"] in (OK, FAILED)]
-
-    # --- outputs ---
-    def flush(self) -> None:
-        """Rewrite trials.parquet and epochs.parquet (atomically) with every trial that has ended."""
-        from orchestrator.rerun import rerun_command
-
-        ended = self.ended()
-        for rec in ended:   # the manifest's one line that retrains this cell exactly
-            rec["rerun_command"] = rerun_command(self.out_dir.resolve(), rec["row"], int(rec["seed"]))
-        ended_ids = {r["trial_id"] for r in ended}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        results.write_parquet(self.out_dir / "trials.parquet", ended, results.TRIAL_COLUMNS, self.meta)
-        results.write_parquet(self.out_dir / "epochs.parquet",
-                              [e for e in self.epochs if e["trial_id"] in ended_ids], results.EPOCH_COLUMNS, self.meta)
-
-
 def table_meta(plan: Plan, sweep_id: str) -> dict[str, Any]:
     """The spec facts a table needs, stored in the Parquet files' metadata (rlseg-table reads them back)."""
     s = plan.spec
@@ -264,51 +67,10 @@ def table_meta(plan: Plan, sweep_id: str) -> dict[str, Any]:
             "seeds": s.seeds, "rows": plan.table_rows(), "sweep_id": sweep_id}
 
 
-INTERRUPTED = ("interrupted:", "not run:")
-
-
-def _interrupted(error: str | None) -> bool:
-    return bool(error) and error.startswith(INTERRUPTED)
-
-
 def _trial_name(trial) -> str:
     """Tune's name for a trial (dashboard, ray/ folder): row and seed (or `search`), filesystem-safe."""
     t = trial.config["trial"]
     return f"{re.sub(r'[^A-Za-z0-9]+', '_', t['row']).strip('_')}-seed{t['seed']}-{trial.trial_id}"
-
-
-# Live recorders by Tune experiment name. Tune pickles its callbacks into the experiment (tuner.pkl) and a restored
-# Tuner gets those copies back, so a callback carries only this key and finds the recorder of this process.
-RECORDERS: dict[str, SweepRecorder] = {}
-
-
-def as_tune_callback(recorder: SweepRecorder, key: str):
-    import ray.tune
-
-    from orchestrator import sweep   # by reference: the restored callback must see this process's RECORDERS
-
-    RECORDERS[key] = recorder
-
-    class _Callback(ray.tune.Callback):
-        def __init__(self, key: str):
-            self.key = key
-
-        def _call(self, hook: str, *a, **k):
-            getattr(sweep.RECORDERS[self.key], hook)(*a, **k)
-
-        def on_trial_start(self, *a, **k):
-            self._call("on_trial_start", *a, **k)
-
-        def on_trial_result(self, *a, **k):
-            self._call("on_trial_result", *a, **k)
-
-        def on_trial_complete(self, *a, **k):
-            self._call("on_trial_complete", *a, **k)
-
-        def on_trial_error(self, *a, **k):
-            self._call("on_trial_error", *a, **k)
-
-    return _Callback(key)
 
 
 def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[Any, str, list[Path], list[Path]]:
@@ -481,67 +243,6 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
             ray.shutdown()
         if own_api_env:
             _restore_env(API_SERVER_ENV, previous_api_env)
-
-
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-
-
-def start_local_ray(driver_slots: int, verbose: int) -> None:
-    """ray.init of a local Ray whose own processes know where its State API is. It leaves RAY_API_SERVER_ADDRESS
-    set: the caller restores it after ray.shutdown.
-
-    Ray Train 2.60 gives each trial a detached placement-group cleaner that asks the State API, with no address,
-    whether the trial's controller is alive. Without an address the State API looks for running GCS processes
-    and fails ("Found multiple active Ray instances") whenever the machine runs another Ray (a second sweep, a
-    test cluster): the placement groups of trials Tune stops early (ASHA) or interrupts were then never freed and
-    later trials waited for ever. So the dashboard (the State API's server) starts on a loopback port chosen here,
-    and its URL goes into RAY_API_SERVER_ADDRESS before ray.init, which Ray's processes inherit and which the
-    State API takes before anything else."""
-    import ray
-
-    port = _free_loopback_port()
-    previous = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    try:
-        # "local": a new instance even where `ray start` left its address in /tmp/ray (ray.init's default joins it)
-        context = ray.init(address="local", resources={DRIVER_RESOURCE: driver_slots}, log_to_driver=verbose > 2,
-                           dashboard_host="127.0.0.1", dashboard_port=port)
-    except BaseException:
-        _restore_env(API_SERVER_ENV, previous)
-        raise
-    if getattr(context, "dashboard_url", None) != f"127.0.0.1:{port}":   # the port was taken meanwhile, or no
-        _warn_other_ray_instances()                                        # dashboard: the old hazard is back
-
-
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _restore_env(key: str, previous: str | None) -> None:
-    if previous is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = previous
-
-
-def _warn_other_ray_instances() -> None:
-    """Without RAY_API_SERVER_ADDRESS pointing at this Ray's own dashboard (start_local_ray), Ray Train's
-    placement-group cleaner cannot tell several local Ray instances apart; say so when there are others."""
-    try:
-        from ray._private.services import find_gcs_addresses
-
-        others = find_gcs_addresses()
-    except Exception:   # a private helper: if it moved, skip the check
-        return
-    if len(others) > 1:   # this sweep's own Ray is one of them
-        print(f"warning: {len(others) - 1} other Ray instance(s) run on this machine and this Ray's dashboard did "
-              "not start on its own port: Ray Train may not release the resources of trials stopped early (ASHA) "
-              "or interrupted, and later trials may wait for ever. Run one sweep at a time, or run sweeps on one "
-              "`ray start` cluster with --address.", file=sys.stderr, flush=True)
 
 
 def end_parent(s: Session, failed: list[dict[str, Any]], interrupted: bool = False) -> None:
