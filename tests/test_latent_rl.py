@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import method_step
+from reference import image_iou
 from trainers.config import Config
 from trainers.methods import build_method
+from trainers.rl import group_advantages
 
 
 def make(**method):
@@ -227,3 +229,44 @@ def test_forward_equals_the_straightforward_formulation():
     # log pi sums d*h*w float32 terms either way: the log-ratio agrees to ~1e-3
     torch.testing.assert_close(out["loss_policy"], expect_policy.detach(), rtol=2e-3, atol=2e-3)
     assert (logp - logp_old).abs().min() > 0.05 and expect_kl > 0        # not the trivial phi = phi_old point
+
+
+def test_group_baseline_normalises_each_images_own_samples():
+    """GRPO in latent_rl: G actions s per image; the advantages in L_Policy are group_advantages of the (B, G)
+    rewards whose row b holds image b's own G samples. Rewards from numpy IoU (tests/reference.py) of each sample
+    decoded against its own image's mask; L_Policy rebuilt from torch.distributions.Normal log-densities. The old
+    policy is moved off phi first: with rho = 1 the loss is -mean(A) = 0 for any grouping."""
+    g, eps = 3, 0.2
+    model = make(baseline={"kind": "group", "group_size": g, "a_min": -1e9, "a_max": 1e9},
+                 reward={"weights": {"iou": 1, "dice": 0, "ce": 0, "boundary": 0}}, loss={"ppo_eps": eps})
+    with torch.no_grad():
+        model.old_policy.fc_mu.bias.add_(0.002)
+    seen = {}
+    hooks = [model.policy.register_forward_hook(lambda m, i, o: seen.update(z=i[0].detach(), phi=o)),
+             model.old_policy.register_forward_hook(lambda m, i, o: seen.update(old=o)),
+             model.modulation.register_forward_pre_hook(lambda m, i: seen.update(s=i[1].detach()))]
+    x, y = batch()
+    model.train()
+    model.segmentor.decoder.dropout.eval()   # the decoder's Dropout2d draws: off, so a second decode is the same
+    try:
+        out = model(x, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    z_g, y_g = seen["z"].repeat_interleave(g, 0), y.repeat_interleave(g, 0)   # rows b*G .. b*G + G-1: image b
+    s = seen["s"]
+    assert s.shape[0] == len(x) * g
+    with torch.no_grad():
+        reward = torch.from_numpy(image_iou(model.decode(z_g, s, x.shape[-2:]), y_g)).view(len(x), g)
+    adv = group_advantages(reward).reshape(-1)
+    assert (adv != 0).sum() >= 4, "the test needs groups whose samples differ in reward"
+
+    def log_prob(mu, log_sigma):   # Eq. 12: summed over d, h, w
+        mu, sigma = mu.detach().double().repeat_interleave(g, 0), log_sigma.detach().double().exp().repeat_interleave(g, 0)
+        return torch.distributions.Normal(mu[..., None, None], sigma[..., None, None]).log_prob(s.double()).sum((1, 2, 3))
+
+    rho = (log_prob(*seen["phi"]) - log_prob(*seen["old"])).exp()
+    assert ((rho - 1).abs() > 1e-3).all() and ((rho - 1).abs() < eps).any()
+    loss_policy = -torch.min(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv).mean()      # Eq. 4
+    assert out["reward"].item() == pytest.approx(reward.mean().item(), abs=1e-6)
+    assert out["loss_policy"].item() == pytest.approx(loss_policy.item(), rel=1e-4, abs=1e-6)
