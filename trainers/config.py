@@ -31,6 +31,24 @@ class DataConfig(Strict):
     val_size: int | None = Field(128, ge=1)
     seed: int = 0                    # the scenes' seed: every trial of a sweep sees the same data
     num_workers: int = Field(0, ge=0)
+    # DataLoader worker processes kept between epochs. Off by default: a worker's RNG is seeded once per
+    # lifetime, so with persistent workers a run resumed from a checkpoint draws other augmentations than the
+    # uninterrupted one (restarting the workers each epoch costs about a second).
+    persistent_workers: bool = False
+    prefetch_factor: int = Field(2, ge=1)   # batches each worker loads ahead (num_workers > 0)
+    # Train-time resize of the real datasets (VOC). None: the shorter side becomes image_size * ratio.
+    # (long, short): SSSegmentation's Resize(output_size=(2048, 512), keep_ratio=True): the image is scaled by
+    # min(long * ratio / its long side, short * ratio / its short side), ratio ~ U(scale_range).
+    resize: tuple[int, int] | None = None
+    scale_range: tuple[float, float] = (0.5, 2.0)   # the random ratio of the train resize (SSSegmentation: 0.5-2)
+    # Random crop (image_size x image_size): retry up to 10 times until no class covers more than this fraction
+    # of the crop's labelled pixels (SSSegmentation RandomCrop one_category_max_ratio, mmseg cat_max_ratio: 0.75)
+    cat_max_ratio: float | None = Field(None, gt=0, le=1)
+    photometric: bool = False        # SSSegmentation's PhotoMetricDistortion (brightness, contrast, saturation, hue)
+    # Validation input: None: the dataset's own val transform (VOC: longer side image_size, padded, scored on the
+    # resized mask). (long, short): SSSegmentation's test Resize((2048, 512), keep_ratio=True), no padding; the
+    # logits are resampled to the original size and scored against the original mask (trainers.evaluation).
+    val_resize: tuple[int, int] | None = None
 
     @field_validator("name")
     @classmethod
@@ -38,11 +56,25 @@ class DataConfig(Strict):
         return _registered(DATASETS, v)
 
 
+class AuxHeadConfig(Strict):
+    """The auxiliary FCN head on the encoder's stage 3 (SSSegmentation FCN `auxiliary`: 3x3 conv 1024 -> 512,
+    BN, ReLU, dropout 0.1, 1x1 classifier; its CE enters the training loss with weight 0.4). Training only: it
+    never runs at evaluation."""
+    enabled: bool = False
+    weight: float = Field(0.4, ge=0)
+    channels: int = Field(512, ge=1)
+
+
 class ModelConfig(Strict):
     encoder: str = "tiny_cnn"
     pretrained: str | None = None    # None: random init; a local checkpoint path; or the library's tag when online
     decoder: str = "fcn"
     decoder_channels: int | None = Field(None, ge=1)   # None: the decoder's default for that encoder width
+    aux_head: AuxHeadConfig = Field(default_factory=AuxHeadConfig)
+    # BatchNorm -> SyncBatchNorm before DDP when a trial has more than one worker (SSSegmentation's norm_cfg
+    # SyncBatchNorm: BN statistics over the global batch, 16 images, instead of each GPU's 8). torch's
+    # SyncBatchNorm trains on CUDA only (trainers.accel.convert_sync_batchnorm).
+    sync_bn: bool = False
 
     @field_validator("encoder")
     @classmethod
@@ -78,6 +110,12 @@ class ScheduleConfig(Strict):
     poly_power: float = Field(0.9, gt=0)
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1)
+    # Mixed precision of the train step (trainers.accel): bf16 / fp16 autocast; fp16 adds a GradScaler. The
+    # logits leave the segmentor in fp32 and the latent policy's mu / log_sigma too, so L_seg, the rewards and
+    # the log-probs / KL of latent_rl are computed in fp32 (trainers.accel.fp32_islands).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False       # NHWC model and input (tensor cores); a layout, the maths is unchanged
+    cudnn_benchmark: bool = False     # cuDNN autotune for fixed input sizes (CUDA; nondeterministic algorithms)
 
 
 class ResourcesConfig(Strict):
@@ -113,6 +151,31 @@ class FaultConfig(Strict):
     rank: int = Field(0, ge=0)
 
 
+class EvalConfig(Strict):
+    """How validation predicts (trainers.evaluation), named after SSSegmentation's `inference` config:
+    tta.multiscale -> scales, tta.flip -> flip, forward.mode/cropsize/stride -> mode/crop_size/stride.
+    Logits of every scale and flip are resampled to the mask's size and averaged before the argmax."""
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    flip: bool = False
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: tuple[int, int] | None = None    # slide: (h, w) window (e.g. Cityscapes 512x1024 crops)
+    stride: tuple[int, int] | None = None       # slide: (h, w) step between windows
+    batch_size: int | None = Field(None, ge=1)  # None: schedule.batch_size; data.val_resize forces 1 (sizes vary)
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"scales must be > 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _slide_needs_window(self) -> "EvalConfig":
+        if self.mode == "slide" and (self.crop_size is None or self.stride is None):
+            raise ValueError("mode: slide needs crop_size and stride, e.g. crop_size: [512, 1024], stride: [341, 341]")
+        return self
+
+
 class DebugConfig(Strict):
     """Test-only hooks; the defaults change nothing."""
     fault: FaultConfig = Field(default_factory=FaultConfig)
@@ -125,6 +188,7 @@ class Config(Strict):
     method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_config({"name": "supervised"}))
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @field_validator("method", mode="before")

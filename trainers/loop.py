@@ -33,7 +33,8 @@ from trainers.checkpoint import (CHECKPOINT_FILE, DIVERGED, DIVERGED_FILE, LIST_
                                  write_checkpoint)
 from trainers.config import Config
 from trainers.data import build_dataset
-from trainers.evaluation import ShardSampler, evaluate  # noqa: F401
+from trainers.accel import Accel, loader_kwargs, prepare_model
+from trainers.evaluation import ShardSampler, build_val_loader, evaluate  # noqa: F401
 from trainers.methods import build_method
 from trainers.optim import build_lr_schedule, build_optimizer  # noqa: F401
 from trainers.runtime import RayTrainRuntime, Runtime  # noqa: F401
@@ -94,14 +95,14 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
     model = build_method(cfg, train_set.num_classes, train_set.ignore_index).to(rt.device)
+    model = prepare_model(model, cfg, rt.world_size, rt.device)    # SyncBN, channels_last, fp32 islands (accel)
+    accel = Accel.from_config(cfg.schedule, rt.device)
 
     bs = cfg.schedule.batch_size
     sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
-    pin = rt.device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
-                              num_workers=cfg.data.num_workers, pin_memory=pin)
-    val_loader = DataLoader(val_set, batch_size=bs, sampler=ShardSampler(len(val_set), rt.rank, rt.world_size),
-                            num_workers=cfg.data.num_workers, pin_memory=pin)
+                              **loader_kwargs(cfg.data, rt.device))
+    val_loader = build_val_loader(val_set, cfg, rt)
     if len(train_loader) == 0:
         raise ValueError(f"schedule.batch_size {bs} is larger than a rank's share of data.train_size")
     optimizer = build_optimizer(cfg.schedule, model)
@@ -113,6 +114,7 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         set_rng_state(state["rng"], rt.device)
+        accel.load_state_dict(state.get("grad_scaler"))
         start_epoch = state["epoch"]
     fault = cfg.debug.fault
     # debug.fault fires only in an attempt that started without a checkpoint (FaultConfig)
@@ -131,13 +133,15 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
         model.on_epoch_start(epoch, cfg.schedule.epochs)
         metrics = {"epoch": epoch + 1}
         fault_step = fault.step if fault_armed and epoch + 1 == fault.epoch else -1
-        metrics.update(train_one_epoch(ddp_model, model, train_loader, optimizer, lr_schedule, cfg, rt, fault_step))
+        metrics.update(train_one_epoch(ddp_model, model, train_loader, optimizer, lr_schedule, cfg, rt, fault_step,
+                                       accel))
         if not math.isfinite(metrics["train/loss"]):
             raise TrainingDiverged(f"training loss became {metrics['train/loss']} in epoch {epoch + 1}")
         if (epoch + 1) % cfg.schedule.eval_every == 0 or epoch + 1 == cfg.schedule.epochs:
-            metrics.update(evaluate(model, val_loader, class_names, rt))
+            metrics.update(evaluate(model, val_loader, class_names, rt, cfg.eval, accel))
         state = {"epoch": epoch + 1, "model": model.checkpoint_state(), "optimizer": optimizer.state_dict(),
-                 "lr_schedule": lr_schedule.state_dict(), "rng": rng_state(rt.device)}
+                 "lr_schedule": lr_schedule.state_dict(), "rng": rng_state(rt.device),
+                 "grad_scaler": accel.state_dict()}
         if epoch + 1 == cfg.schedule.epochs:
             state[RANK_RECORD] = rank_record(rt, model, drawn, start_epoch)
         report(metrics, state)
@@ -145,24 +149,28 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
 
 
 def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Config, rt: Runtime,
-                    fault_step: int = -1) -> dict[str, float]:
+                    fault_step: int = -1, accel: Accel | None = None) -> dict[str, float]:
     """One pass over this rank's shard. Sums stay on the device; one all-reduce and one sync at the end.
-    fault_step: the step (0-based) at which debug.fault strikes in this epoch on this rank, -1 for none."""
+    fault_step: the step (0-based) at which debug.fault strikes in this epoch on this rank, -1 for none.
+    accel: precision and memory format (trainers.accel; default fp32, NCHW)."""
+    accel = accel or Accel(device=rt.device)
     ddp_model.train()
     sums: dict[str, torch.Tensor] = {}
     n_batches = n_images = 0
     t0 = time.perf_counter()
     for step, (images, masks) in enumerate(loader):
-        images = images.to(rt.device, non_blocking=True)
+        images = accel.inputs(images)
         masks = masks.to(rt.device, non_blocking=True)
-        out = ddp_model(images, masks)
+        with accel.autocast():
+            out = ddp_model(images, masks)
         if step == fault_step:
             out["loss"] = inject_fault(cfg.debug.fault, rt, out["loss"])
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        accel.backward(out["loss"], optimizer)      # fp16: scaled backward, then unscaled gradients
+        out.update(model.grad_stats())              # gradient diagnostics, e.g. rl/policy_grad_norm
         if cfg.schedule.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.schedule.grad_clip)
-        optimizer.step()
+        accel.step(optimizer)
         lr_schedule.step()
         model.after_optimizer_step()
         for k, v in out.items():
@@ -175,7 +183,8 @@ def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Confi
     totals = totals.tolist()
     elapsed = time.perf_counter() - t0
     batches, images_seen = totals[-2], totals[-1]
-    out = {f"train/{k}": v / batches for k, v in zip(keys, totals)}
+    # step outputs are train/<name>; a name that has its own namespace (rl/clipfrac) keeps it
+    out = {(k if "/" in k else f"train/{k}"): v / batches for k, v in zip(keys, totals)}
     out["train/images_per_s"] = images_seen / elapsed
     out["train/lr"] = optimizer.param_groups[0]["lr"]
     out["time/epoch_s"] = elapsed

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainers.losses import segmentation_loss
@@ -17,6 +18,25 @@ class SegMethod(nn.Module):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.segmentor = build_segmentor(cfg.model, num_classes, decoder_in_channels)
+        self.aux_weight = cfg.model.aux_head.weight
+        if self.segmentor.aux_head is not None:
+            # after every method's own forward (inside DDP's forward, so DDP sees the aux head's parameters used)
+            self.register_forward_hook(self.add_aux_loss)
+
+    def add_aux_loss(self, module: nn.Module, args: tuple, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """SSSegmentation's auxiliary loss: CE of the stage-3 head's logits, upsampled to the mask size, enters
+        out["loss"] with weight model.aux_head.weight (0.4). It is part of L_seg, so a phase without L_seg
+        (latent_rl's RL-only phases: `seg_phase` False) leaves it out; loss_aux is logged either way."""
+        aux = self.segmentor.pop_aux_logits()
+        if aux is None:            # eval mode: the aux head did not run
+            return out
+        masks = args[1]
+        aux = F.interpolate(aux.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        loss_aux = F.cross_entropy(aux, masks, ignore_index=self.ignore_index)
+        if getattr(self, "seg_phase", True):
+            out["loss"] = out["loss"] + self.aux_weight * loss_aux
+        out["loss_aux"] = loss_aux.detach()
+        return out
 
     def seg_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         return segmentation_loss(logits, masks, self.cfg.seg_loss, self.ignore_index)
@@ -59,5 +79,18 @@ class SegMethod(nn.Module):
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """epoch is 0-based."""
 
+    def grad_stats(self) -> dict[str, torch.Tensor]:
+        """Called once per step after backward: gradient diagnostics (0-dim tensors, summed over the epoch like the
+        step's outputs), e.g. {"rl/policy_grad_norm": ...}."""
+        return {}
+
     def after_optimizer_step(self) -> None:
         """Called once per step after optimizer.step() (EMA updates live here)."""
+
+
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """L2 norm of the gradients of `module`'s parameters (those that have one), a 0-dim tensor on their device."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(module.parameters()).device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
