@@ -18,7 +18,7 @@ from orchestrator import results, tracking
 from orchestrator.trial import trial_path
 
 OK, FAILED = "ok", "failed"
-METRIC_PREFIXES = ("train/", "val/", "time/")
+METRIC_PREFIXES = ("train/", "val/", "time/", "rl/")
 
 
 def error_line(text: str | None) -> str:

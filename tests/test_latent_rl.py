@@ -107,7 +107,7 @@ def test_element_level_ratio_and_kl():
         x, y = batch()
         torch.manual_seed(3)
         first = model(x, y)
-        assert first["clipfrac"] == 0 and abs(first["loss_kl"]) < 1e-6
+        assert first["rl/clipfrac"] == 0 and abs(first["loss_kl"]) < 1e-6
         torch.testing.assert_close(first["loss_policy"], -first["advantage"])
         with torch.no_grad():
             model.policy.fc_mu.bias.add_(0.05)
@@ -116,7 +116,7 @@ def test_element_level_ratio_and_kl():
     d = make().segmentor.encoder.out_channels
     h = w = 32 // 8
     torch.testing.assert_close(outs["element"]["loss_kl"] * d * h * w, outs["image"]["loss_kl"])
-    assert outs["image"]["clipfrac"] >= outs["element"]["clipfrac"]
+    assert outs["image"]["rl/clipfrac"] >= outs["element"]["rl/clipfrac"]
 
 
 def test_policy_lr_scale_makes_its_own_param_group():

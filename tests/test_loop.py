@@ -78,7 +78,7 @@ def test_latent_rl_preset_trains_and_resumes_exactly(tmp_path):
     cfg = tiny(method=preset["method"])
     cfg["method"]["policy"]["pool"] = [2, 2]
     final, reports = run(cfg)
-    for key in ("train/loss_policy", "train/loss_kl", "train/reward", "train/clipfrac", "val/mIoU"):
+    for key in ("train/loss_policy", "train/loss_kl", "train/reward", "rl/clipfrac", "rl/zero_grad_frac", "rl/policy_grad_norm", "val/mIoU"):
         assert math.isfinite(final[key]), key
     (_, first), (_, last) = reports
     moved = [k for k, v in last["model"].items() if k.startswith("policy.") and v.is_floating_point()

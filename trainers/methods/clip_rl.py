@@ -7,6 +7,7 @@ Read top to bottom beside the paper:
     a ~ pi(. | GAP(z)), alpha = actions[a]    agent: global pool -> MLP -> categorical over residual scales
     O = s_L + alpha * r                       refined output (Sec. III.B)
     reward = IoU(O) - IoU(s_L) per image      REINFORCE, L_RL = -mean(A log pi(a)), A from the shared Baseline
+                                              (+ beta_ref k3(pi || pi_ref) with `loss.kl_reference`, Seg-R1)
     f = curriculum(e / E)                     (1 - e/E)^2 in the paper
     L = f L_seg(s_L) + (1 - f) (L_seg(O) + lambda_RL L_RL),  L_seg = CE + Dice
 Evaluation uses the greedy action (argmax pi) unless `eval_sample`. Without the agent (`rl.enabled: false`,
@@ -24,10 +25,11 @@ from torch import nn
 
 from trainers.config import MethodConfig, SegLossConfig, Strict
 from trainers.methods import register_method
-from trainers.methods.base import SegMethod
-from trainers.methods.latent_rl import BaselineConfig
+from trainers.methods.base import SegMethod, grad_norm
+from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig
 from trainers.models.encoders import conv_bn_relu
-from trainers.rl import Baseline, iou_reward
+from trainers.rl import Baseline, ema_update, iou_reward, k3_kl
+from trainers.rl.reference import reference_policy
 from trainers.schedules import SHAPES, curriculum
 
 
@@ -56,6 +58,10 @@ class RLConfig(Strict):
     agent_hidden: int = Field(256, ge=1)       # the MLP on the pooled encoder features
 
 
+class ClipRLLossConfig(ReferenceKLConfig):
+    reference_eta: float = Field(0.99, ge=0, le=1)   # kl_reference ema: pi_ref <- eta pi_ref + (1 - eta) pi
+
+
 class ClipRLConfig(MethodConfig):
     name: Literal["clip_rl"] = "clip_rl"
     seg_loss: SegLossConfig = Field(default_factory=lambda: SegLossConfig(ce=1.0, dice=1.0))   # CE + Dice
@@ -63,6 +69,7 @@ class ClipRLConfig(MethodConfig):
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)   # the same kinds as latent_rl (+ GRPO)
+    loss: ClipRLLossConfig = Field(default_factory=ClipRLLossConfig)
     eval_sample: bool = False
 
     @model_validator(mode="after")
@@ -96,6 +103,11 @@ class ClipRL(SegMethod):
             self.agent = nn.Sequential(nn.Linear(d, m.rl.agent_hidden), nn.ReLU(inplace=True),
                                        nn.Linear(m.rl.agent_hidden, len(actions)))
             self.register_buffer("actions", torch.tensor(actions), persistent=False)
+        elif m.loss.kl_reference != "none":
+            raise ValueError("method.loss.kl_reference needs the agent (method.rl.enabled=true)")
+        # Seg-R1's reference policy for the k3 term (None without one)
+        self.ref_agent = (reference_policy(self.agent, m.loss.kl_reference, m.loss.reference_checkpoint, "agent.")
+                          if self.agent is not None else None)
         self.baseline = Baseline(m.baseline.kind, m.baseline.tau, (m.baseline.a_min, m.baseline.a_max))
         self.group = m.baseline.group_size if m.baseline.kind == "group" else 1
         self.f = 1.0
@@ -143,12 +155,27 @@ class ClipRL(SegMethod):
             iou_l = iou_reward(s_l, masks, self.num_classes, self.ignore_index)
             reward = iou_o.view(b, g) - iou_l[:, None]                              # IoU(O) - IoU(s_L)
             adv = self.baseline.advantages(reward if g > 1 else reward[:, 0]).view(b, g)
-        loss_rl = -(adv * dist.log_prob(a.T).T).mean()                              # REINFORCE
+        logp = dist.log_prob(a.T).T                                                 # (B, G)
+        loss_rl = -(adv * logp).mean()                                              # REINFORCE
         out.update({f"{k}_O": v for k, v in seg_o.items()})
         out.update(loss_rl=loss_rl.detach(), reward=reward.mean(), advantage=adv.mean(),
                    baseline=self.baseline.value.float(), alpha=alpha.float().mean(), entropy=dist.entropy().mean().detach())
         out["loss"] = f * seg_l["loss_seg"] + (1 - f) * (seg_o["loss_seg"] + m.rl.lambda_rl * loss_rl)
+        if self.ref_agent is not None:                                              # k3 per action (token), mean
+            with torch.no_grad():
+                ref = torch.distributions.Categorical(logits=self.ref_agent(z.mean((2, 3))))
+                logp_ref = ref.log_prob(a.T).T
+            loss_ref = k3_kl(logp, logp_ref).mean()
+            out["loss"] = out["loss"] + (1 - f) * m.loss.beta_ref * loss_ref
+            out["rl/kl_ref"] = loss_ref.detach()
         return out
+
+    def grad_stats(self) -> dict[str, torch.Tensor]:
+        return {} if self.agent is None else {"rl/policy_grad_norm": grad_norm(self.agent)}
+
+    def after_optimizer_step(self) -> None:
+        if self.ref_agent is not None and self.cfg.loss.kl_reference == "ema":
+            ema_update(self.ref_agent, self.agent, self.cfg.loss.reference_eta)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -7,15 +7,21 @@ Read top to bottom beside the paper:
     z_mod = modulation(z, s)                           Eq. 13-14 (Table 7: add, mul, concat, mha)
     logits = f_dec(z_mod)                              -> L_seg (Eq. 2) and the rewards
     r = sum_k lambda_k r^k                             Eq. 15 (Table 5a)
-    A = clamp(r - b, a_min, a_max)                     Eq. 16-18 (Table 5b: none, batch mean, EMA; + Seg-R1 GRPO group)
+    A = clamp(r - b, a_min, a_max)                     Eq. 16-18 (Table 5b: none, batch mean, EMA; + Seg-R1 GRPO group),
+                                                       b from the global batch (all ranks)
     L_Policy = PPO clip with rho = pi_phi / pi_old     Eq. 4, pi_old = EMA of pi_phi (Eq. 19), never trained
+               (or Seg-R1's unclipped -exp(logp - sg(logp)) A, `loss.policy_loss: seg_r1`)
     L_KL = KL(pi_old || pi_phi)                        Eq. 5 (analytic, diagonal Gaussians)
     L = L_seg + lambda_Policy L_Policy + lambda_KL L_KL   Eq. 6 (Table 6); regimes of Table 1
+        (+ beta_ref k3(pi || pi_ref) with `loss.kl_reference`, Seg-R1)
 Evaluation decodes with the policy mean (no sampling) unless `eval_sample`.
+
+PPO health per step (rl/*): clipfrac, approx_kl, log_ratio_abs_mean, zero_grad_frac (terms whose L_Policy gradient
+is 0) and, after backward, policy_grad_norm. At paper shapes the image-level log-ratio sums 2048 * 64 * 64 terms;
+see the paper preset for what that does to clipfrac.
 """
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -26,10 +32,13 @@ from torch import nn
 from trainers.config import MethodConfig, Strict
 from trainers.losses import segmentation_loss
 from trainers.methods import register_method
-from trainers.methods.base import SegMethod
+from trainers.methods.base import SegMethod, grad_norm
+from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig
 from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob,
-                         gaussian_log_prob_moments, ppo_clip_loss, ppo_stats, sample_moments, segmentation_rewards,
-                         weighted_reward)
+                         gaussian_log_prob_moments, k3_kl, policy_gradient_loss, ppo_clip_loss, ppo_stats,
+                         sample_moments, segmentation_rewards, weighted_reward)
+from trainers.rl.objectives import LOG_RATIO_CAP
+from trainers.rl.reference import frozen_copy, reference_policy
 
 
 class PolicyConfig(Strict):
@@ -54,24 +63,26 @@ class RewardWeights(Strict):                    # lambda_* of Eq. 15 (paper: all
 
 class RewardConfig(Strict):
     weights: RewardWeights = Field(default_factory=RewardWeights)
+    # r^Boundary (trainers/rl/boundary.py); paper 002 says "boundary F1" only. Tolerance: DAVIS's rule (pixels when
+    # >= 1, else a fraction of the diagonal), 1 px; band: the widest ignore band (px) an outline may run through
+    # (VOC's is ~5 px).
+    boundary_tolerance: float = Field(1.0, gt=0)
+    boundary_band: int = Field(8, ge=0)
 
 
-class BaselineConfig(Strict):
-    kind: Literal["none", "batch_mean", "ema", "group"] = "ema"
-    tau: float = Field(0.9, ge=0, le=1)        # Eq. 16
-    group_size: int = Field(4, ge=2)           # G samples per image for `group` (Seg-R1: 4)
-    a_min: float = -1.0                        # Eq. 18
-    a_max: float = 1.0
-
-
-class LossConfig(Strict):
+class LossConfig(ReferenceKLConfig):
     lambda_policy: float = Field(1.0, ge=0)    # Eq. 6 (Table 6 right: 1.0 best)
     lambda_kl: float = Field(1.0, ge=0)
-    ppo_eps: float = Field(0.2, gt=0)          # epsilon of Eq. 4
+    ppo_eps: float = Field(0.2, gt=0)          # epsilon of Eq. 4 (paper: unstated; PPO's 0.2)
     # image: rho and KL of the whole action, log pi summed over d*h*w (Eq. 4, 5, 12: the paper).
     # element: one ratio per (d, h, w) element and the per-element KL, both averaged (token-level PPO as in
     # LLM RL; beyond the paper: the image-level ratio of d*h*w terms leaves [1 - eps, 1 + eps] after one step).
     ratio_level: Literal["image", "element"] = "image"
+    # |log rho| past which rho continues linearly (objectives.soft_capped_ratio): finite and never a zero gradient.
+    log_ratio_cap: float = Field(LOG_RATIO_CAP, gt=0)
+    # ppo_clip: Eq. 4. seg_r1: Seg-R1 as released, -mean(exp(logp - sg(logp)) A) without ratio clip, a mean over
+    # the terms of ratio_level (element: the token mean).
+    policy_loss: Literal["ppo_clip", "seg_r1"] = "ppo_clip"
 
 
 class LatentRLConfig(MethodConfig):
@@ -143,14 +154,17 @@ class LatentRL(SegMethod):
                          decoder_in_channels=lambda d: Modulation.output_width(m.modulation, d))
         d = self.segmentor.encoder.out_channels      # latent width
         self.modulation = Modulation(m.modulation, d, m.attention_heads)
-        self.policy = self.old_policy = None
+        self.policy = self.old_policy = self.ref_policy = None
         if m.policy.enabled:
             self.policy = GaussianLatentPolicy(d, m.policy.blocks, tuple(m.policy.pool), m.policy.log_sigma_bound,
                                                m.policy.kernel_size)
-            self.old_policy = copy.deepcopy(self.policy).requires_grad_(False)    # phi_old, Eq. 19
-            for mod in self.old_policy.modules():   # batch statistics like phi, running stats only by the EMA rule
-                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                    mod.momentum = 0.0
+            # phi_old, Eq. 19: batch statistics like phi, running stats only by the EMA rule
+            self.old_policy = frozen_copy(self.policy)
+            # Seg-R1's reference: `ema` is phi_old itself; init / sft_checkpoint are frozen copies
+            if m.loss.kl_reference != "ema":
+                self.ref_policy = reference_policy(self.policy, m.loss.kl_reference, m.loss.reference_checkpoint)
+        elif m.loss.kl_reference != "none":
+            raise ValueError("method.loss.kl_reference needs a policy (method.policy.enabled=true)")
         self.baseline = Baseline(m.baseline.kind, m.baseline.tau, (m.baseline.a_min, m.baseline.a_max))
         self.group = m.baseline.group_size if m.baseline.kind == "group" else 1
         self.weights = m.reward.weights.model_dump()
@@ -201,15 +215,18 @@ class LatentRL(SegMethod):
         out, pixel_ce = self.seg_loss_and_pixel_ce(logits, masks_g)         # L_seg, Eq. 2
 
         with torch.no_grad():
-            rewards = segmentation_rewards(logits, masks_g, self.num_classes, self.ignore_index, pixel_ce=pixel_ce)
+            rewards = segmentation_rewards(logits, masks_g, self.num_classes, self.ignore_index, pixel_ce=pixel_ce,
+                                           boundary_tolerance=m.reward.boundary_tolerance,
+                                           boundary_band=m.reward.boundary_band)
             r = weighted_reward(rewards, self.weights)                      # Eq. 15
             adv = self.baseline.advantages(r.view(-1, self.group) if self.group > 1 else r).reshape(-1)  # Eq. 16-18
         kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w)         # Eq. 5, KL(old || phi), (B,)
         # Eq. 12: log-density of the constant action s under phi and phi_old
+        s = s.detach()
         if m.loss.ratio_level == "element":   # per-element ratios against the image's advantage; KL per element
             with torch.no_grad():
-                logp_old = gaussian_log_prob(s.detach(), mu_old_g, log_sigma_old_g, reduce=False).flatten(1)
-            logp = gaussian_log_prob(s.detach(), mu_g, log_sigma_g, reduce=False).flatten(1)
+                logp_old = gaussian_log_prob(s, mu_old_g, log_sigma_old_g, reduce=False).flatten(1)
+            logp = gaussian_log_prob(s, mu_g, log_sigma_g, reduce=False).flatten(1)
             adv_t, kl = adv[:, None], kl / logp.shape[1]
         else:   # the two sums over d*h*w terms from s's per-channel moments, taken once
             moments = sample_moments(s, center=mu_g)
@@ -217,7 +234,10 @@ class LatentRL(SegMethod):
                 logp_old = gaussian_log_prob_moments(moments, mu_old_g, log_sigma_old_g)
             logp = gaussian_log_prob_moments(moments, mu_g, log_sigma_g)
             adv_t = adv
-        loss_policy = ppo_clip_loss(logp, logp_old, adv_t, m.loss.ppo_eps)  # Eq. 4
+        if m.loss.policy_loss == "seg_r1":    # Seg-R1 as released: no ratio clip, mean over the terms
+            loss_policy = policy_gradient_loss(logp, adv_t)
+        else:
+            loss_policy = ppo_clip_loss(logp, logp_old, adv_t, m.loss.ppo_eps, m.loss.log_ratio_cap)  # Eq. 4
         loss_kl = kl.mean()
 
         loss = logits.new_zeros(())
@@ -225,15 +245,39 @@ class LatentRL(SegMethod):
             loss = loss + out["loss_seg"]
         if self.rl_phase:
             loss = loss + m.loss.lambda_policy * loss_policy + m.loss.lambda_kl * loss_kl   # Eq. 6
-        stats = ppo_stats(logp.detach(), logp_old, m.loss.ppo_eps)
+        if m.loss.kl_reference != "none":
+            loss_ref = self.reference_kl(state, s, mu_g, log_sigma_g, image_level=m.loss.ratio_level == "image")
+            if self.rl_phase:
+                loss = loss + m.loss.beta_ref * loss_ref
+            out["rl/kl_ref"] = loss_ref.detach()
+        stats = ppo_stats(logp, logp_old, m.loss.ppo_eps, adv_t)
         out.update(
             loss=loss, loss_policy=loss_policy.detach(), loss_kl=loss_kl.detach(), reward=r.mean(),
-            advantage=adv.mean(), baseline=self.baseline.value.detach().float(), clipfrac=stats["clipfrac"],
-            approx_kl=stats["approx_kl"], log_sigma=log_sigma.detach().mean(),
-            **{f"reward_{k}": v.mean() for k, v in rewards.items()})
+            advantage=adv.mean(), baseline=self.baseline.value.detach().float(), log_sigma=log_sigma.detach().mean(),
+            **{f"rl/{k}": v for k, v in stats.items()}, **{f"reward_{k}": v.mean() for k, v in rewards.items()})
         if self.modulation.kind == "mha":
             out["alpha"] = self.modulation.alpha.detach()
         return out
+
+    def reference_kl(self, state: torch.Tensor, s: torch.Tensor, mu_g: torch.Tensor, log_sigma_g: torch.Tensor,
+                     image_level: bool) -> torch.Tensor:
+        """Seg-R1's k3 estimate of KL(pi_phi || pi_ref) at the sample s (B*G, d, h, w), per element (token): their
+        sum per image at the image level (the KL of the whole action, like L_KL), their mean at the element level;
+        then the mean over samples."""
+        with torch.no_grad():
+            if self.ref_policy is None:                                     # ema: pi_ref = pi_old
+                mu_ref, log_sigma_ref = self.old_policy(state)
+            else:
+                mu_ref, log_sigma_ref = self.ref_policy(state)
+            if self.group > 1:
+                mu_ref, log_sigma_ref = (t.repeat_interleave(self.group, 0) for t in (mu_ref, log_sigma_ref))
+            logp_ref = gaussian_log_prob(s, mu_ref, log_sigma_ref, reduce=False).flatten(1)
+        logp = gaussian_log_prob(s, mu_g, log_sigma_g, reduce=False).flatten(1)
+        k3 = k3_kl(logp, logp_ref, self.cfg.loss.log_ratio_cap)             # (B*G, d*h*w)
+        return k3.sum(1).mean() if image_level else k3.mean()
+
+    def grad_stats(self) -> dict[str, torch.Tensor]:
+        return {} if self.policy is None else {"rl/policy_grad_norm": grad_norm(self.policy)}
 
     def after_optimizer_step(self) -> None:
         if self.old_policy is not None:

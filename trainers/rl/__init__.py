@@ -1,14 +1,17 @@
 """RL maths for latent-space RL (paper 002, Section 3.2, Eq. 3-19) and GRPO (Seg-R1): policy, rewards,
 advantages and objectives. Pure functions and small modules; the methods in trainers/methods use them."""
-from trainers.rl.advantage import Baseline, group_advantages
-from trainers.rl.objectives import ema_update, ppo_clip_loss, ppo_stats
+from trainers.rl.advantage import Baseline, global_mean, group_advantages
+from trainers.rl.boundary import boundary_f1
+from trainers.rl.objectives import (ema_update, k3_kl, policy_gradient_loss, ppo_clip_loss, ppo_stats,
+                                    soft_capped_ratio)
 from trainers.rl.policy import (GaussianLatentPolicy, SampleMoments, gaussian_kl, gaussian_log_prob,
                                gaussian_log_prob_moments, sample_moments)
 from trainers.rl.rewards import iou_reward, segmentation_rewards, weighted_reward
 
 __all__ = [
-    "Baseline", "group_advantages",
-    "ema_update", "ppo_clip_loss", "ppo_stats",
+    "Baseline", "global_mean", "group_advantages",
+    "boundary_f1",
+    "ema_update", "k3_kl", "policy_gradient_loss", "ppo_clip_loss", "ppo_stats", "soft_capped_ratio",
     "GaussianLatentPolicy", "SampleMoments", "gaussian_kl", "gaussian_log_prob", "gaussian_log_prob_moments",
     "sample_moments",
     "iou_reward", "segmentation_rewards", "weighted_reward",

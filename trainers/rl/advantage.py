@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 KINDS = ("none", "batch_mean", "ema", "group")
@@ -22,12 +23,25 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards - mean) / (std + 1e-4)
 
 
+def global_mean(r: torch.Tensor) -> torch.Tensor:
+    """mean r over the global batch: every rank's rewards, when a torch.distributed group of several ranks runs
+    (one all-reduce of (sum, count)); the local mean otherwise. The same value on every rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return r.mean()
+    stats = torch.stack([r.sum(), torch.tensor(float(r.numel()), device=r.device, dtype=r.dtype)])
+    dist.all_reduce(stats)
+    return stats[0] / stats[1]
+
+
 class Baseline(nn.Module):
     """Reward baseline b and advantage A = clamp(r - b, a_min, a_max) (Eq. 3, 16-18).
 
     kind: "none" (b = 0), "batch_mean" (b = mean r), "ema" (Eq. 16, b initialised to the first batch's mean),
-          "group" (GRPO over (B, G) rewards). clip: (a_min, a_max) for Eq. 18, or None; either bound may be None.
-    b and the initialised flag are buffers, so they are saved in (and restored from) the state_dict.
+          "group" (GRPO over (B, G) rewards, group by group). clip: (a_min, a_max) for Eq. 18, or None; either
+          bound may be None (no clamp on that side; GRPO as released has none).
+    Under data parallelism "mean r" is over the global batch (global_mean: an all-reduce), as Eq. 16 reads, so b is
+    identical on every rank. b and the initialised flag are buffers: saved in (and restored from) the state_dict,
+    and broadcast from rank 0 before each forward by DDP (broadcast_buffers), which is then a no-op.
     """
 
     def __init__(self, kind: str = "ema", tau: float = 0.9, clip: tuple[float | None, float | None] | None = None):
@@ -47,12 +61,12 @@ class Baseline(nn.Module):
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """rewards (B,) (or (B, G) for "group") -> advantages of the same shape, no gradient."""
         r = rewards.detach()
-        r_bar = r.mean()
-        if self.kind == "group":
-            adv = group_advantages(r)
-            self.b.copy_(r_bar)
-        elif self.kind == "none":
+        r_bar = None if self.kind == "none" else global_mean(r)
+        if self.kind == "none":
             adv = r.clone()                                          # b = 0
+        elif self.kind == "group":
+            adv = group_advantages(r)
+            self.b.copy_(r_bar)                                      # logged only
         elif self.kind == "batch_mean":
             self.b.copy_(r_bar)
             adv = r - r_bar

@@ -1,5 +1,8 @@
-"""PPO clipped objective (paper 002 Eq. 4), its diagnostics, and the EMA old policy update (Eq. 19)."""
+"""PPO clipped objective (paper 002 Eq. 4) and its diagnostics, Seg-R1's unclipped objective and k3 KL, and the EMA
+old policy update (Eq. 19)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -8,30 +11,73 @@ import torch.nn as nn
 LOG_RATIO_CAP = 20.0
 
 
-def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
+def soft_capped_ratio(log_ratio: torch.Tensor, cap: float = LOG_RATIO_CAP) -> torch.Tensor:
+    """rho = exp(log_ratio), exactly, for |log_ratio| <= cap; beyond, its first-order continuation:
+    exp(cap) (1 + (log_ratio - cap)) above and exp(-cap) / (1 + (-cap - log_ratio)) below.
+
+    Why: log pi sums d*h*w terms (Eq. 12), so at paper shapes (2048 x 64 x 64) the image-level log-ratio reaches the
+    hundreds; exp overflows float32 past 88, and a hard clamp of the log-ratio zeroes its gradient. The continuation
+    is finite, C1, strictly increasing and equal to exp on [-cap, cap], so every comparison Eq. 4 makes (which branch
+    of the min, inside or outside [1 - eps, 1 + eps]) comes out as with the exact ratio, and the gradient is non-zero
+    wherever that of exp is.
+    """
+    above = (log_ratio - cap).clamp_min(0.0)
+    below = (-cap - log_ratio).clamp_min(0.0)
+    return torch.exp(log_ratio.clamp(-cap, cap)) * (1.0 + above) / (1.0 + below)
+
+
+def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps: float = 0.2,
+                  log_ratio_cap: float = LOG_RATIO_CAP) -> torch.Tensor:
     """Eq. 4: L = -mean(min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)), rho = exp(logp - logp_old).
 
     logp, logp_old, adv: (B,), or per element (B, N) with adv (B, 1) broadcast (the element-level variant).
-    logp_old (the EMA old policy) and adv are constants; returns a scalar (the mean over all terms).
+    logp_old (the EMA old policy) and adv are constants; returns a scalar (the mean over all terms). rho is
+    soft_capped_ratio (exact for |log rho| <= log_ratio_cap): no cap zeroes a gradient that Eq. 4 has.
     """
     logp_old, adv = logp_old.detach(), adv.detach()
-    # log pi sums d*h*w terms (Eq. 12), so the log-ratio can reach the hundreds; exp would overflow to inf and
-    # 0 * inf gives NaN gradients. Capping it at +-LOG_RATIO_CAP (rho <= 4.8e8) changes nothing below that.
-    ratio = torch.exp((logp - logp_old).clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP))
+    ratio = soft_capped_ratio(logp - logp_old, log_ratio_cap)
     surr1 = ratio * adv
     surr2 = torch.clamp(ratio, 1.0 - eps, 1.0 + eps) * adv
     return -torch.min(surr1, surr2).mean()
 
 
+def policy_gradient_loss(logp: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """Seg-R1 as released (TRL GRPO with one update per rollout): -mean(exp(logp - sg(logp)) * A), no ratio clip.
+
+    The ratio is 1 in value and d ratio / d logp = 1, so this is REINFORCE, -mean(A * grad log pi), averaged over
+    whatever terms logp holds: tokens (elements) for a token mean, images for an image mean.
+    """
+    return -(torch.exp(logp - logp.detach()) * adv.detach()).mean()
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor, log_ratio_cap: float = LOG_RATIO_CAP) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || pi_ref) from samples of pi, per term (Seg-R1 / TRL's per-token KL):
+    exp(logp_ref - logp) - (logp_ref - logp) - 1 >= 0, unbiased in expectation; gradient through logp only.
+    The exponential is soft_capped_ratio's, so a far-off reference gives a large finite value, not inf."""
+    log_ratio = logp_ref.detach() - logp
+    return soft_capped_ratio(log_ratio, log_ratio_cap) - log_ratio - 1.0
+
+
 @torch.no_grad()
-def ppo_stats(logp: torch.Tensor, logp_old: torch.Tensor, eps: float = 0.2) -> dict[str, torch.Tensor]:
-    """Diagnostics as in CleanRL: clipfrac = mean(|rho - 1| > eps), approx_kl = mean((rho - 1) - log rho) (k3)."""
-    logratio = (logp.detach() - logp_old.detach()).clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP)
-    ratio = logratio.exp()
-    return {
+def ppo_stats(logp: torch.Tensor, logp_old: torch.Tensor, eps: float = 0.2,
+              adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """PPO health, as in CleanRL, over all terms of logp (images, or elements with adv broadcast):
+    clipfrac = mean(|rho - 1| > eps); approx_kl = mean((rho - 1) - log rho) (k3, log rho capped at +-LOG_RATIO_CAP);
+    log_ratio_abs_mean = mean |log rho|; with adv, zero_grad_frac = the share of terms whose Eq. 4 gradient is 0
+    (A = 0, or the clipped branch is the min: rho > 1 + eps with A > 0, rho < 1 - eps with A < 0)."""
+    logratio = logp.detach() - logp_old.detach()
+    capped = logratio.clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP)
+    ratio = capped.exp()
+    out = {
         "clipfrac": ((ratio - 1.0).abs() > eps).float().mean(),
-        "approx_kl": ((ratio - 1.0) - logratio).mean(),
+        "approx_kl": ((ratio - 1.0) - capped).mean(),
+        "log_ratio_abs_mean": logratio.abs().mean(),
     }
+    if adv is not None:
+        a = adv.detach().expand_as(logratio)
+        zero = (a == 0) | ((logratio > math.log1p(eps)) & (a > 0)) | ((logratio < math.log1p(-eps)) & (a < 0))
+        out["zero_grad_frac"] = zero.float().mean()
+    return out
 
 
 @torch.no_grad()

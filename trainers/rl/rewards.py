@@ -3,11 +3,10 @@
 Every reward is computed for each image of the batch at once: no Python loop over images or classes and no
 host sync. Pixels whose target is `ignore_index` (or outside [0, num_classes)) never count:
   * iou / dice / ce use the valid pixels only; an image with no valid pixel gets 0 for all three;
-  * boundary: ignore pixels are relabelled to one sentinel label in BOTH the prediction and the target before
-    the boundary maps are taken, and boundary pixels lying on ignore pixels are then dropped. So a valid pixel
-    touching an ignore band is a boundary pixel of both maps (in VOC the 255 band outlines the objects), the
-    prediction on ignore pixels cannot change any reward, and a perfect prediction scores 1. An image with no
-    valid pixel has two empty boundary maps and so gets boundary 1 (the DAVIS convention below).
+  * boundary: class-aware boundary F1 with a tolerance (trainers/rl/boundary.py). An outline that runs through an
+    ignore band (VOC's 255 object outlines) is matched by a predicted edge of the right classes anywhere inside
+    that band and by nothing else; the prediction on other ignore pixels never counts. An image with no valid
+    pixel has no boundary in either map and gets 1 (the DAVIS convention).
 """
 from __future__ import annotations
 
@@ -15,6 +14,8 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+
+from trainers.rl.boundary import boundary_f1
 
 
 def _argmax_classes(logits: torch.Tensor) -> torch.Tensor:
@@ -26,40 +27,6 @@ def _argmax_classes(logits: torch.Tensor) -> torch.Tensor:
     # weight class c by k-1-c, so the largest weight among the maxima marks the first of them
     rank = torch.arange(k - 1, -1, -1, device=logits.device, dtype=torch.uint8 if k <= 256 else torch.int32)
     return (k - 1) - (is_max * rank.view(1, k, 1, 1)).amax(1).long()
-
-
-# The 4 neighbour offsets (dy, dx) of the 3x3 neighbourhood up to symmetry: right, down, down-right, down-left.
-_PAIRS = ((0, 1), (1, 0), (1, 1), (1, -1))
-
-
-def _boundary(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """labels (N, H, W) integer, valid (N, H, W) bool -> boundary map (N, H, W) bool.
-
-    Morphological gradient: a pixel is boundary when one of its in-image 8-neighbours holds another label (the
-    3x3 max != min; the image border creates no boundary). Each neighbouring pair is compared once and marks
-    both of its pixels. Boundary pixels on invalid pixels are dropped.
-    """
-    h, w = labels.shape[-2:]
-    out = torch.zeros_like(valid)
-    for dy, dx in _PAIRS:
-        x0, x1 = max(0, -dx), w - max(0, dx)          # columns of the first pixel of each pair
-        first = (slice(None), slice(0, h - dy), slice(x0, x1))
-        second = (slice(None), slice(dy, h), slice(x0 + dx, x1 + dx))
-        differ = labels[first] != labels[second]
-        out[first] |= differ
-        out[second] |= differ
-    return out & valid
-
-
-def _dilate(mask: torch.Tensor) -> torch.Tensor:
-    """1-pixel tolerance: 3x3 dilation of a (N, H, W) bool map, as a row pass then a column pass."""
-    rows = mask.clone()
-    rows[..., 1:] |= mask[..., :-1]
-    rows[..., :-1] |= mask[..., 1:]
-    out = rows.clone()
-    out[..., 1:, :] |= rows[..., :-1, :]
-    out[..., :-1, :] |= rows[..., 1:, :]
-    return out
 
 
 def _valid(target: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +64,13 @@ def iou_reward(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ign
 
 @torch.no_grad()
 def segmentation_rewards(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255,
-                         pixel_ce: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                         pixel_ce: torch.Tensor | None = None, boundary_tolerance: float = 1.0,
+                         boundary_band: int = 8) -> dict[str, torch.Tensor]:
     """logits (B, K, H, W), target (B, H, W) int64 -> dict(iou, dice, ce, boundary), each (B,) float32 in [0, 1].
 
     Prediction = argmax of the logits. iou / dice: mean over the classes present in the prediction or the target
-    of that image; ce: exp(-mean pixel cross-entropy) (r^CE, the "inverse" of CE); boundary: boundary F1 with a
-    1-pixel tolerance. No gradient: these are rewards, not losses.
+    of that image; ce: exp(-mean pixel cross-entropy) (r^CE, the "inverse" of CE); boundary: class-aware boundary F1
+    (boundary_f1, with `boundary_tolerance` and `boundary_band`). No gradient: these are rewards, not losses.
     pixel_ce: the per-pixel cross-entropy (B, H, W) of these logits against target, when the caller has it
     already (L_seg with reduction="none"); its values on invalid pixels are not read. None: computed here.
     """
@@ -119,20 +87,7 @@ def segmentation_rewards(logits: torch.Tensor, target: torch.Tensor, num_classes
     ce_sum = torch.where(valid, pixel_ce.detach().float(), 0.0).flatten(1).sum(1)
     ce = torch.where(n_valid > 0, torch.exp(-ce_sum / n_valid.clamp_min(1)), 0.0)
 
-    # Boundary F1 (DAVIS f_measure style) with a 1-px tolerance; ignore pixels relabelled to a sentinel (-1).
-    # Prediction and target in one stacked pass: rows [:B] are the prediction's, rows [B:] the target's.
-    b = pred.shape[0]
-    valid2 = torch.cat([valid, valid])
-    edges = _boundary(torch.cat([pred, tgt]).masked_fill_(~valid2, -1), valid2)     # (2B, H, W)
-    n_edges = edges.flatten(1).sum(1)
-    # an edge pixel matches when the other map has an edge pixel within 1 px: roll(b) pairs each with the other
-    matched = (edges & _dilate(edges).roll(b, 0)).flatten(1).sum(1)
-    ratio = matched / n_edges.clamp_min(1)
-    precision, recall = ratio[:b], ratio[b:]
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
-    empty_p, empty_g = n_edges[:b] == 0, n_edges[b:] == 0
-    boundary = torch.where(empty_p & empty_g, 1.0, torch.where(empty_p | empty_g, 0.0, f1))
-
+    boundary = boundary_f1(pred, tgt, valid, logits.shape[1], boundary_tolerance, boundary_band)
     return {"iou": iou, "dice": dice, "ce": ce, "boundary": boundary}
 
 
