@@ -139,7 +139,7 @@ def test_paper_profile_is_the_papers_setting(repo):
     cfg = plan.rows[-1].config
     assert cfg["data"]["name"] == "voc2012_aug" and cfg["data"]["root"] == "/data/VOCdevkit"
     assert cfg["data"]["image_size"] == 512 and cfg["data"]["train_size"] is None
-    assert cfg["model"]["encoder"] == "resnet50_d8" and cfg["model"]["decoder"] == "fcn"
+    assert cfg["model"]["encoder"] == "resnet50c_d8" and cfg["model"]["decoder"] == "fcn"   # SSSegmentation v1c
     s = cfg["schedule"]
     assert (s["epochs"], s["optimizer"], s["lr"], s["momentum"], s["weight_decay"]) == (60, "sgd", 0.01, 0.9, 5e-4)
     assert s["batch_size"] * cfg["resources"]["workers"] == 16

@@ -233,3 +233,25 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def recipe_line(tree: dict) -> str:
+    """One line naming the recipe switches of a resolved config tree (for a dry run next to its `base:` line):
+    `recipe: resnet50c_d8 (pretrained gluon_in1k), aux head 0.4, SyncBN, photometric, crop 512 cat_max_ratio 0.75,
+    resize (2048, 512) x [0.5, 2.0]; eval val_resize (2048, 512) scales [1.0] whole; bf16 channels_last`."""
+    cfg = Config.model_validate(tree)
+    d, m, s, e = cfg.data, cfg.model, cfg.schedule, cfg.eval
+    parts = [f"{m.encoder} (pretrained {m.pretrained or 'none'})"]
+    if m.aux_head.enabled:
+        parts.append(f"aux head {m.aux_head.weight:g}")
+    if m.sync_bn:
+        parts.append("SyncBN")
+    if d.photometric:
+        parts.append("photometric")
+    crop = f"crop {d.image_size}" + (f" cat_max_ratio {d.cat_max_ratio:g}" if d.cat_max_ratio else "")
+    resize = f"resize {tuple(d.resize)}" if d.resize else f"short side {d.image_size}"
+    parts.append(f"{crop}, {resize} x {list(d.scale_range)}")
+    val = f"val_resize {tuple(d.val_resize)}" if d.val_resize else "val as the dataset's"
+    flip = " flip" if e.flip else ""
+    speed = s.precision + (" channels_last" if s.channels_last else "") + (" cudnn_benchmark" if s.cudnn_benchmark else "")
+    return f"recipe: {', '.join(parts)}; eval {val} scales {e.scales}{flip} {e.mode}; {speed}"

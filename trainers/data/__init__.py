@@ -5,10 +5,22 @@ from __future__ import annotations
 from trainers.registry import DATASETS
 
 
+# the SSSegmentation pipeline keys only the VOC loaders read; elsewhere they would be silently ignored
+VOC_ONLY = ("resize", "cat_max_ratio", "photometric", "val_resize")
+
+
+def _no_voc_keys(cfg) -> None:
+    set_keys = [k for k in VOC_ONLY if getattr(cfg, k) not in (None, False)]
+    if set_keys:
+        raise ValueError(f"data.{set_keys[0]}: only the VOC loaders (voc2012_aug, voc2012) apply it, "
+                         f"not data.name={cfg.name}")
+
+
 @DATASETS.register("synthetic_surgical")
 def synthetic_surgical(cfg, split: str):
     from trainers.data.synthetic import SyntheticSurgical
 
+    _no_voc_keys(cfg)
     size = cfg.train_size if split == "train" else cfg.val_size
     return SyntheticSurgical(split, size=size or (512 if split == "train" else 128),
                              image_size=cfg.image_size, seed=cfg.seed)
@@ -18,7 +30,9 @@ def _voc2012(cfg, split: str, aug: bool):
     from trainers.data.voc import VOCSegmentation
 
     size = cfg.train_size if split == "train" else cfg.val_size
-    return VOCSegmentation(cfg.root, split, image_size=cfg.image_size, size=size, aug=aug)
+    return VOCSegmentation(cfg.root, split, image_size=cfg.image_size, size=size, aug=aug, resize=cfg.resize,
+                           scale_range=cfg.scale_range, cat_max_ratio=cfg.cat_max_ratio,
+                           photometric=cfg.photometric, val_resize=cfg.val_resize)
 
 
 @DATASETS.register("voc2012_aug")
@@ -39,6 +53,7 @@ def endovis2018(cfg, split: str):
     folders directly under root with val = seq_2, 5, 9, 15."""
     from trainers.data.endovis import EndoVis2018
 
+    _no_voc_keys(cfg)
     size = cfg.train_size if split == "train" else cfg.val_size
     return EndoVis2018(cfg.root, split, image_size=cfg.image_size, size=size)
 

@@ -18,18 +18,25 @@ A list line is either an id (``2007_000032``) or DeepLab's ``/JPEGImages/<id>.jp
 /SegmentationClassAug/<id>.png``; the id is the stem of the first token. Masks are read with PIL
 without any conversion, so a palette PNG yields its indices, not colours.
 
-Transforms follow the SSSegmentation / mmseg VOC aug pipeline at a crop size S = ``image_size``:
+Transforms follow the SSSegmentation / mmseg VOC aug pipeline at a crop size S = ``image_size``
+(SSSegmentation configs/_base_/datasets/vocaug_512x512.py):
 
-* train: resize so the image's shorter side equals S, times a random ratio in [0.5, 2.0]
-  (bilinear for the image, nearest for the mask); random crop of at most S x S; normalise with
-  the ImageNet mean/std; pad bottom/right to S x S with 0 (the mean colour after normalisation)
-  and 255 in the mask; horizontal flip with probability 0.5. mmseg's ``cat_max_ratio`` crop
-  retries and its photometric distortion are left out. All draws use the torch global RNG, so a
-  run is reproducible from ``torch.manual_seed`` and resumable from ``torch.get_rng_state()``.
-* val: deterministic; resize so the longer side equals S (aspect ratio kept), normalise, pad
+* train: resize by a random ratio in ``scale_range`` ([0.5, 2.0]): with ``resize`` = (2048, 512) as
+  SSSegmentation's Resize(keep_ratio=True) (the image fits (2048 r, 512 r), on VOC its shorter side
+  becomes 512 r), without it the shorter side becomes S r (bilinear image, nearest mask); random crop
+  of at most S x S, retried up to 10 times while one class covers ``cat_max_ratio`` (0.75) or more of
+  its labelled pixels or it holds a single class; SSSegmentation's PhotoMetricDistortion
+  (``photometric``); normalise with the ImageNet mean/std; pad bottom/right to S x S with 0 (the mean
+  colour after normalisation) and 255 in the mask; horizontal flip with probability 0.5. All draws use
+  the torch global RNG, so a run is reproducible from ``torch.manual_seed`` and resumable from
+  ``torch.get_rng_state()``.
+* val, ``val_resize`` = (2048, 512): SSSegmentation's test Resize(keep_ratio=True), normalise, no
+  padding; the mask stays as stored (original size), to be scored against logits resampled to it.
+* val, no ``val_resize``: resize so the longer side equals S (aspect ratio kept), normalise, pad
   bottom/right to S x S (image 0, mask 255), so padded pixels never count in the metrics.
 
-``__getitem__`` returns ``(image float32 (3, S, S), mask int64 (S, S))``; files are read lazily.
+``__getitem__`` returns ``(image float32 (3, S, S), mask int64 (S, S))`` (with ``val_resize``: the
+resized image (3, h, w) and the original mask (H, W)); files are read lazily.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ __all__ = [
     "train_transform",
     "apply_train_transform",
     "val_transform",
+    "val_original_size",
+    "keep_ratio_size",
+    "crop_origin",
+    "photometric_distortion",
     "relative_path",
     "resize_pair",
     "to_tensors",
@@ -142,13 +153,18 @@ def resize_pair(image: Image.Image, mask: np.ndarray, w: int, h: int) -> tuple[n
     return np.asarray(image), mask
 
 
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32, (x / 255 - MEAN) / STD."""
+    arr = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    return (arr - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
 def to_tensors(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise the (H, W, 3) uint8 image; pad image (0) and mask (IGNORE_INDEX) bottom/right to size x size."""
     h, w = mask.shape
-    arr = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
     out_img = torch.zeros(3, size, size, dtype=torch.float32)
     out_mask = torch.full((size, size), IGNORE_INDEX, dtype=torch.int64)
-    out_img[:, :h, :w] = (arr - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    out_img[:, :h, :w] = normalize(image)
     out_mask[:h, :w] = torch.from_numpy(mask.astype(np.int64))
     return out_img, out_mask
 
@@ -159,28 +175,121 @@ def rescaled_size(w: int, h: int, size: int, ratio: float) -> tuple[int, int]:
     return max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
 
 
-def apply_train_transform(image: Image.Image, mask: np.ndarray, size: int, ratio: float,
-                          top: int, left: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training transform with its random draws given: rescale (shorter side -> size * ratio),
-    crop at most size x size at (top, left) of the rescaled image, normalise, pad, flip."""
-    img, mask = resize_pair(image, mask, *rescaled_size(*image.size, size, ratio))
-    img, mask = img[top:top + size, left:left + size], mask[top:top + size, left:left + size]
+def keep_ratio_size(w: int, h: int, target: tuple[int, int], ratio: float | None = None) -> tuple[int, int]:
+    """(width, height) after SSSegmentation's Resize(output_size=target, keep_ratio=True[, scale_range]): the
+    target is first scaled by the random ratio and truncated (its int(output_size * rand_scale)), then the image
+    by min(long target / long side, short target / short side), rounded half up."""
+    if ratio is not None:
+        target = (int(target[0] * ratio), int(target[1] * ratio))
+    scale = min(max(target) / max(w, h), min(target) / min(w, h))
+    return int(w * scale + 0.5), int(h * scale + 0.5)
+
+
+def crop_origin(mask: np.ndarray, size: int, cat_max_ratio: float | None = None,
+                ignore_index: int = IGNORE_INDEX) -> tuple[int, int]:
+    """(top, left) of a random crop of at most size x size. With cat_max_ratio, SSSegmentation's RandomCrop
+    one_category_max_ratio (mmseg cat_max_ratio): up to 10 draws, keeping the first whose labelled pixels hold
+    more than one class with none at cat_max_ratio or more; after 10 failures the last draw (mmseg; SSSegmentation
+    returns it too unless the crop is all ignore)."""
+    h, w = mask.shape
+    for _ in range(10 if cat_max_ratio is not None else 1):
+        top = int(torch.randint(0, max(h - size, 0) + 1, ()).item())
+        left = int(torch.randint(0, max(w - size, 0) + 1, ()).item())
+        if cat_max_ratio is None:
+            break
+        counts = np.bincount(mask[top:top + size, left:left + size].ravel(), minlength=256)
+        counts[ignore_index] = 0
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return top, left
+
+
+def _coin() -> bool:
+    return bool(torch.randint(0, 2, ()).item())
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand(()).item()
+
+
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """x * alpha + beta, clipped to [0, 255] and truncated to uint8 (SSSegmentation's convert)."""
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image: np.ndarray, brightness_delta: float = 32, contrast_range=(0.5, 1.5),
+                           saturation_range=(0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+    """SSSegmentation's PhotoMetricDistortion (defaults as in its VOC config) on an (H, W, 3) uint8 RGB image:
+    each step with probability 1/2: brightness +U(-32, 32); contrast xU(0.5, 1.5) before or after (a coin)
+    saturation xU(0.5, 1.5) and hue +randint(-18, 18) of 180. HSV by PIL (hue in 256ths instead of OpenCV's
+    180ths: the shift is rescaled). Draws from the torch global RNG."""
+    img = image
+    if _coin():
+        img = _convert(img, beta=_uniform(-brightness_delta, brightness_delta))
+    contrast_last = not _coin()            # SSSegmentation: mode 1 = contrast first, mode 0 = contrast last
+
+    def contrast(x):
+        return _convert(x, alpha=_uniform(*contrast_range)) if _coin() else x
+
+    if not contrast_last:
+        img = contrast(img)
+    if _coin():
+        hsv = np.array(Image.fromarray(img).convert("HSV"))
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=_uniform(*saturation_range))
+        img = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+    if _coin():
+        shift = int(torch.randint(-hue_delta, hue_delta, ()).item())      # OpenCV hue units (0-179)
+        hsv = np.array(Image.fromarray(img).convert("HSV"))
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + round(shift * 256 / 180)) % 256
+        img = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+    if contrast_last:
+        img = contrast(img)
+    return img
+
+
+def _finish(img: np.ndarray, mask: np.ndarray, size: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     img_t, mask_t = to_tensors(img, mask, size)
     if flip:
         img_t, mask_t = img_t.flip(-1), mask_t.flip(-1)
     return img_t, mask_t
 
 
+def apply_train_transform(image: Image.Image, mask: np.ndarray, size: int, ratio: float,
+                          top: int, left: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training transform with its random draws given: rescale (shorter side -> size * ratio),
+    crop at most size x size at (top, left) of the rescaled image, normalise, pad, flip."""
+    img, mask = resize_pair(image, mask, *rescaled_size(*image.size, size, ratio))
+    img, mask = img[top:top + size, left:left + size], mask[top:top + size, left:left + size]
+    return _finish(img, mask, size, flip)
+
+
 def train_transform(image: Image.Image, mask: np.ndarray, size: int,
-                    ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rescale, random crop, pad, random horizontal flip; draws from the torch global RNG."""
+                    ratio_range: tuple[float, float] = (0.5, 2.0), resize: tuple[int, int] | None = None,
+                    cat_max_ratio: float | None = None, photometric: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rescale (keep_ratio_size to `resize`, or the shorter side to size * ratio), random crop
+    (crop_origin with cat_max_ratio), photometric distortion, normalise, pad, random horizontal flip; draws
+    from the torch global RNG in that order (ratio, crop, flip, photometric)."""
     lo, hi = ratio_range
     ratio = lo + (hi - lo) * torch.rand(()).item()
-    rw, rh = rescaled_size(*image.size, size, ratio)
-    top = int(torch.randint(0, max(rh - size, 0) + 1, ()).item())
-    left = int(torch.randint(0, max(rw - size, 0) + 1, ()).item())
+    w, h = keep_ratio_size(*image.size, resize, ratio) if resize else rescaled_size(*image.size, size, ratio)
+    img, mask = resize_pair(image, mask, w, h)
+    top, left = crop_origin(mask, size, cat_max_ratio)
     flip = bool(torch.rand(()).item() < 0.5)
-    return apply_train_transform(image, mask, size, ratio, top, left, flip)
+    img, mask = img[top:top + size, left:left + size], mask[top:top + size, left:left + size]
+    if photometric:
+        img = photometric_distortion(img)
+    return _finish(img, mask, size, flip)
+
+
+def val_original_size(image: Image.Image, mask: np.ndarray, resize: tuple[int, int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSSegmentation's test pipeline: Resize(resize, keep_ratio=True) and normalise the image, no padding; the
+    mask as stored (H, W) int64, for scoring at the original resolution."""
+    w, h = keep_ratio_size(*image.size, resize)
+    img = np.asarray(image.resize((w, h), Image.BILINEAR)) if (w, h) != image.size else np.asarray(image)
+    return normalize(img), torch.from_numpy(mask.astype(np.int64))
 
 
 def val_transform(image: Image.Image, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +322,10 @@ class VOCSegmentation(torch.utils.data.Dataset):
     palette = PALETTE
     splits = ("train", "val")
 
-    def __init__(self, root, split: str, image_size: int = 512, size: int | None = None, aug: bool = False):
+    def __init__(self, root, split: str, image_size: int = 512, size: int | None = None, aug: bool = False,
+                 resize: tuple[int, int] | None = None, scale_range: tuple[float, float] = (0.5, 2.0),
+                 cat_max_ratio: float | None = None, photometric: bool = False,
+                 val_resize: tuple[int, int] | None = None):
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(map(repr, self.splits))}")
         if size is not None and int(size) < 0:
@@ -221,6 +333,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
         self.split = split
         self.aug = bool(aug)
         self.image_size = int(image_size)
+        self.resize, self.scale_range, self.val_resize = resize, tuple(scale_range), val_resize
+        self.cat_max_ratio, self.photometric = cat_max_ratio, bool(photometric)
         self.voc = find_voc2012(root)
         self.root = Path(root).expanduser()
         seg_sets = self.voc / "ImageSets" / "Segmentation"
@@ -277,7 +391,10 @@ class VOCSegmentation(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image, mask = self.load(i)
         if self.split == "train":
-            return train_transform(image, mask, self.image_size)
+            return train_transform(image, mask, self.image_size, self.scale_range, self.resize,
+                                   self.cat_max_ratio, self.photometric)
+        if self.val_resize is not None:
+            return val_original_size(image, mask, self.val_resize)
         return val_transform(image, mask, self.image_size)
 
     def __repr__(self) -> str:
