@@ -5,6 +5,7 @@ Exit codes: 0 every trial ok; 1 some trial failed (summary printed); 2 bad input
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,9 +44,35 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue an interrupted run of this spec (default: its newest unfinished run folder) "
                         "with its own profile and overrides; finished trials are not run again")
+    p.add_argument("--pending-timeout", type=_seconds, metavar="S",
+                   help="end the sweep (exit 2, the run folder resumable) when a trial has waited S seconds for "
+                        "resources the cluster cannot give it; 'none' waits for ever (default: 120 on a local Ray, "
+                        "none with --address, where an autoscaler may add nodes)")
+    p.add_argument("--debug-skip-plan-check", action="store_true",
+                   help="for tests: skip the plan check that runs before Ray starts (resources, data, batch size, ...)")
     p.add_argument("--list", action="store_true", help="list the shipped ablations, presets and registered names")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v: Tune's status tables; -vv: also the workers' logs")
     return p
+
+
+def _seconds(text: str) -> float:
+    """--pending-timeout: seconds, or 'none' (inf: wait for ever)."""
+    if text.strip().lower() == "none":
+        return float("inf")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0 or 'none', got {text!r}")
+    return value
+
+
+def _pending_timeout(value: float | None) -> float | None | str:
+    """What session() takes: "default" (not given), None (never), or seconds."""
+    if value is None:
+        return "default"
+    return None if value == float("inf") else value
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
@@ -74,10 +101,21 @@ def sweep_main(argv: list[str] | None = None) -> int:
         print(f"rlseg-sweep: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     search = isinstance(plan, SearchPlan)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if not args.debug_skip_plan_check:
+        from orchestrator.preflight import check_plan
+
+        try:   # before Ray starts, in a dry run too: what would hang or fail later is one line now
+            check_plan(plan, results_root=Path(args.results_dir), address=address)
+        except SpecError as e:
+            print(f"rlseg-sweep: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if args.dry_run:
         from orchestrator.plan import render_plan, render_search_plan
 
         print((render_search_plan if search else render_plan)(plan, max_concurrent=args.max_concurrent))
+        if address:
+            print(f"resources: checked against the cluster at {address} when the sweep joins it")
         return EXIT_OK
 
     from orchestrator.tracking import ui_command
@@ -86,9 +124,17 @@ def sweep_main(argv: list[str] | None = None) -> int:
         from orchestrator.search import run_search as run
     else:
         from orchestrator.sweep import run_sweep as run
-    out = run(plan, results_root=Path(args.results_dir), address=args.address,
-              max_concurrent=args.max_concurrent, verbose=1 + args.verbose, resume=resume, reuse=not args.rerun,
-              **({"fill": True} if args.fill else {}))
+    try:
+        out = run(plan, results_root=Path(args.results_dir), address=args.address,
+                  max_concurrent=args.max_concurrent, verbose=1 + args.verbose, resume=resume, reuse=not args.rerun,
+                  pending_timeout=_pending_timeout(args.pending_timeout), **({"fill": True} if args.fill else {}))
+    except SpecError as e:   # settings Ray rejects once joined (--address), before the run folder is written
+        print(f"rlseg-sweep: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if out.stalled:
+        print(f"rlseg-sweep: {out.stalled}; what finished is kept in {out.run_dir} (continue with: rlseg-sweep "
+              f"{args.spec} --resume {out.run_dir} --results-dir {args.results_dir})", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if out.interrupted:
         print(f"\ninterrupted; what finished is kept in {out.run_dir}. Continue with:\n"
               f"  rlseg-sweep {args.spec} --resume {out.run_dir} --results-dir {args.results_dir}", file=sys.stderr)

@@ -16,8 +16,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import SearchParam, SearchPlan, config_with
+from orchestrator.spec import SearchParam, SearchPlan, SpecError, config_with
 from orchestrator import results
+from orchestrator.preflight import plan_cells
 from orchestrator.recorder import FAILED, OK, Cell, SweepRecorder
 from orchestrator.sweep import Outcome, Session, end_parent, fitting_trials, run_state, session
 from orchestrator.trial import run_trial
@@ -116,7 +117,7 @@ def _save_optuna_plots(run_dir: Path, study_name: str) -> tuple[list[Path], list
 
 def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = None,
                max_concurrent: int | None = None, verbose: int = 1, resume: Path | None = None,
-               reuse: bool = True) -> Outcome:
+               reuse: bool = True, pending_timeout: float | None | str = "default") -> Outcome:
     """Search, then confirm. `resume`: an unfinished run folder of this plan; a finished search phase is not
     rerun, an interrupted one continues through Tune's restore (with the searcher's state and the same study)."""
     spec = plan.spec
@@ -128,14 +129,15 @@ def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = No
                          "num_samples": spec.num_samples, "sampler": spec.sampler.model_dump(),
                          "scheduler": spec.scheduler.model_dump(), "confirm": spec.confirm.model_dump(),
                          "overrides": plan.overrides, "metric": spec.metric.name},
-                 state={**run_state(plan, max_concurrent), "kind": "search"}, resume=resume) as s:
+                 state={**run_state(plan, max_concurrent), "kind": "search"}, resume=resume,
+                 cells=plan_cells(plan), pending_timeout=pending_timeout) as s:
         state = results.read_state(s.run_dir)
         search = _search_phase(s, plan, max_concurrent) if state.get("phase") != "confirm" else None
         if search is not None and search.interrupted:
             end_parent(s, [], interrupted=True)
             return Outcome(run_dir=s.run_dir, summary=None, markdown="the search was interrupted",
                            failed=[], tracking_uri=s.tracker.uri, parent_run_id=s.parent_run_id,
-                           trials=spec.num_samples, interrupted=True)
+                           trials=spec.num_samples, interrupted=True, stalled=s.stalled)
         if search is not None:
             ranked = rank(search.ended(), spec.metric.name, spec.metric.mode, plan.epochs)
             notes = _log_search(s, plan, search.ended(), ranked)
@@ -160,27 +162,63 @@ def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = No
         end_parent(s, failed, interrupted=interrupted)
         return Outcome(run_dir=s.run_dir, summary=summary, markdown=md, failed=failed, tracking_uri=s.tracker.uri,
                        parent_run_id=s.parent_run_id, trials=spec.num_samples + len(confirm.trials),
-                       interrupted=interrupted, tracking_offline=s.tracker.offline)
+                       interrupted=interrupted, tracking_offline=s.tracker.offline, stalled=s.stalled)
+
+
+def _rejected(where: str, e: Exception) -> SpecError:
+    """A setting Ray or Optuna rejected in a constructor, as the one-line error with its key path."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return SpecError(f"{where}: {type(e).__name__}{': ' + text if text else ''}")
+
+
+def make_scheduler(plan: SearchPlan):
+    """ASHA over epochs (max_t = the epochs of a search trial), or None for `scheduler: none`."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    spec, sched = plan.spec, plan.spec.scheduler
+    if sched.kind != "asha":
+        return None
+    try:
+        return ASHAScheduler(time_attr="training_iteration", metric=spec.metric.name, mode=spec.metric.mode,
+                             max_t=plan.epochs, grace_period=sched.grace_period,
+                             reduction_factor=sched.reduction_factor)
+    except (AssertionError, ValueError, TypeError) as e:      # Ray asserts its settings (grace_period <= max_t)
+        raise _rejected(f"{plan.path}: scheduler (grace_period {sched.grace_period}, reduction_factor "
+                        f"{sched.reduction_factor:g}, max_t = schedule.epochs {plan.epochs})", e) from None
+
+
+def make_sampler(plan: SearchPlan):
+    from optuna.samplers import TPESampler
+
+    sampler = plan.spec.sampler
+    try:
+        return TPESampler(seed=sampler.seed, n_startup_trials=sampler.n_startup_trials)
+    except (ValueError, TypeError) as e:
+        raise _rejected(f"{plan.path}: sampler", e) from None
+
+
+def make_searcher(plan: SearchPlan, storage=None):
+    """Tune's OptunaSearch over the space (a study in `storage`, or in memory for the plan check)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    spec = plan.spec
+    try:
+        return OptunaSearch(space=optuna_distributions(plan.params), metric=spec.metric.name, mode=spec.metric.mode,
+                            study_name=spec.name, sampler=make_sampler(plan), storage=storage)
+    except (AssertionError, ValueError, TypeError) as e:
+        raise _rejected(f"{plan.path}: search ({plan.space_path})", e) from None
 
 
 def _search_phase(s: Session, plan: SearchPlan, max_concurrent: int | None) -> SweepRecorder:
     """The search trials through Tune with OptunaSearch (+ ASHA); search/trials.parquet etc.; the recorder."""
-    from optuna.samplers import TPESampler
     from optuna.storages import RDBStorage
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     spec, sched = plan.spec, plan.spec.scheduler
     metric, mode = spec.metric.name, spec.metric.mode
     concurrent = max_concurrent or fitting_trials([plan.search_config] * spec.num_samples, s.cpus)
     results.update_state(s.run_dir, phase="search")
-    searcher = OptunaSearch(
-        space=optuna_distributions(plan.params), metric=metric, mode=mode, study_name=spec.name,
-        sampler=TPESampler(seed=spec.sampler.seed, n_startup_trials=spec.sampler.n_startup_trials),
-        storage=RDBStorage(study_uri(s.run_dir)))
-    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=plan.epochs,
-                               grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
-                 if sched.kind == "asha" else None)
+    searcher = make_searcher(plan, storage=RDBStorage(study_uri(s.run_dir)))
+    scheduler = make_scheduler(plan)
     meta = {"spec": spec.name, "title": spec.title, "paper": spec.paper, "metric": metric, "mode": mode,
             "seeds": [spec.trial_seed], "rows": [], "sweep_id": s.sweep_id, "phase": "search"}
     recorder = SweepRecorder(meta, s.run_dir / "search", s.tracker, s.sweep_id, s.git_sha, total=spec.num_samples,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import results, tables, tracking
+from orchestrator import pending, preflight, results, tables, tracking
 from orchestrator.localray import API_SERVER_ENV, DRIVER_RESOURCE, _restore_env, start_local_ray  # noqa: F401
 # RECORDERS: Tune experiments pickled before the recorder moved out of this module name it here
 from orchestrator.recorder import FAILED, OK, RECORDERS, Cell, SweepRecorder, as_tune_callback  # noqa: F401
@@ -35,6 +36,7 @@ class Outcome:
     trials: int             # how many trials the command ran (or meant to)
     interrupted: bool = False   # stopped (Ctrl-C) before every trial ended: `--resume` continues it
     tracking_offline: bool = False   # MLflow could not be reached (at some point): rlseg-sync fills it in later
+    stalled: str | None = None       # the line of a trial that waited past --pending-timeout (then interrupted too)
 
 
 def trial_resources(config: dict[str, Any], local_driver_resource: bool) -> dict[str, float]:
@@ -103,6 +105,11 @@ class Session:
     cpus: int
     verbose: int
     results_root: Path
+    watch: pending.PendingWatch
+
+    @property
+    def stalled(self) -> str | None:
+        return self.watch.stalled
 
     @property
     def storage(self) -> str:
@@ -118,7 +125,7 @@ class Session:
         local_driver = self.local_driver      # not self: Tune pickles this function with the trainable
         resources = ray.tune.with_resources(
             trainable, lambda cfg: trial_resources(cfg["trial"]["config"], local_driver))
-        callback = as_tune_callback(recorder, name)
+        callbacks = [as_tune_callback(recorder, name), pending.watch_callback(self.watch, name)]
         path = os.path.join(self.storage, name)
         if ray.tune.Tuner.can_restore(path):
             print(f"resuming the Tune experiment {path}", flush=True)
@@ -131,7 +138,7 @@ class Session:
                                             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                                             **tune_config),
             run_config=ray.tune.RunConfig(name=name, storage_path=self.storage, verbose=max(0, self.verbose - 1),
-                                          callbacks=[callback]),
+                                          callbacks=callbacks),
         )
         return tuner.fit()
 
@@ -185,16 +192,43 @@ class Session:
 @contextmanager
 def session(name: str, resolved: dict[str, Any], *, results_root: Path, address: str | None,
             driver_slots: int, verbose: int, tags: dict[str, str], params: dict[str, Any],
-            state: dict[str, Any], resume: Path | None = None):
+            state: dict[str, Any], resume: Path | None = None, cells: list[tuple[str, dict[str, Any]]] = (),
+            pending_timeout: float | None | str = "default"):
     """Start (or join) Ray, create the run folder and the MLflow parent run; shut down what was started.
     `driver_slots`: how many trials may run at once on a local Ray (TRAIN_DRIVER units). `state`: what run.json
-    records for --resume (spec path, profile, overrides). `resume`: continue that run folder and its parent run."""
+    records for --resume (spec path, profile, overrides). `resume`: continue that run folder and its parent run.
+    `cells`: (where, config) of what the command trains, checked against a cluster joined at an address before the
+    run folder is written (a local Ray's were checked against the machine before it started: preflight).
+    `pending_timeout`: seconds a trial may wait for resources it cannot get before the sweep stops (resumable);
+    "default": 120 s on a local Ray, none on a cluster (its autoscaler may add the nodes)."""
     import ray
 
     # each ray.train.report waits up to this long for the controller's poll (default 2 s); must be
     # in the environment before ray.init so Ray's processes inherit it
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.pop("MLFLOW_RUN_ID", None)
+
+    # as ray.init would: RAY_ADDRESS (set by `ray job submit` in a job's driver) names the cluster to join
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if pending_timeout == "default":
+        pending_timeout = None if address else pending.LOCAL_TIMEOUT_S
+    started_ray = not ray.is_initialized()
+    own_api_env, previous_api_env = started_ray and not address, os.environ.get(API_SERVER_ENV)
+    try:
+        if started_ray:
+            if address:
+                join_cluster(address, verbose)
+            else:
+                start_local_ray(driver_slots, verbose)
+        if address:
+            for line in preflight.check_cluster_resources(list(cells), address):
+                print(line, file=sys.stderr, flush=True)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        if own_api_env:
+            _restore_env(API_SERVER_ENV, previous_api_env)
+        raise
     if resume is None:
         run_dir = results.new_run_dir(results_root, name)
         results.write_atomic(run_dir / "spec.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -202,16 +236,6 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
     else:
         run_dir = resume
     sweep_id = run_dir.name
-
-    # as ray.init would: RAY_ADDRESS (set by `ray job submit` in a job's driver) names the cluster to join
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    started_ray = not ray.is_initialized()
-    own_api_env, previous_api_env = started_ray and not address, os.environ.get(API_SERVER_ENV)
-    if started_ray:
-        if address:
-            ray.init(address=address, log_to_driver=verbose > 2)
-        else:
-            start_local_ray(driver_slots, verbose)
     try:
         cluster = ray.cluster_resources()
         git = results.git_info()
@@ -232,7 +256,8 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
             results.update_state(run_dir, parent_run_id=parent)
         s = Session(run_dir=run_dir, tracker=tracker, parent_run_id=parent, sweep_id=sweep_id,
                     git_sha=git["git_sha"], local_driver=cluster.get(DRIVER_RESOURCE, 0) >= 1,
-                    cpus=int(cluster.get("CPU", 1)), verbose=verbose, results_root=results_root)
+                    cpus=int(cluster.get("CPU", 1)), verbose=verbose, results_root=results_root,
+                    watch=pending.PendingWatch(pending_timeout))
         try:
             yield s
         except BaseException:
@@ -243,6 +268,19 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
             ray.shutdown()
         if own_api_env:
             _restore_env(API_SERVER_ENV, previous_api_env)
+
+
+def join_cluster(address: str, verbose: int) -> None:
+    """ray.init of an existing cluster; an address Ray rejects or cannot reach is the one-line error."""
+    import ray
+
+    from orchestrator.spec import SpecError
+
+    try:
+        ray.init(address=address, log_to_driver=verbose > 2)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"command line: --address {address}: {first}") from None
 
 
 def end_parent(s: Session, failed: list[dict[str, Any]], interrupted: bool = False) -> None:
@@ -262,7 +300,8 @@ def run_state(plan, max_concurrent: int | None) -> dict[str, Any]:
 
 
 def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max_concurrent: int | None = None,
-              verbose: int = 1, resume: Path | None = None, reuse: bool = True, fill: bool = False) -> Outcome:
+              verbose: int = 1, resume: Path | None = None, reuse: bool = True, fill: bool = False,
+              pending_timeout: float | None | str = "default") -> Outcome:
     """An ablation: rows x seeds, then the table. `resume`: an unfinished run folder of this plan to continue.
     `reuse`: take cells that finished in earlier runs of this spec (same cell key) instead of training them.
     `fill` (with `resume` = a run folder, finished or not): rerun its failed and missing cells, re-render the table."""
@@ -273,11 +312,12 @@ def run_sweep(plan: Plan, *, results_root: Path, address: str | None = None, max
                  params={"spec": plan.spec.name, "profile": profile, "seeds": plan.spec.seeds,
                          "rows": [r.name for r in plan.rows], "overrides": plan.overrides,
                          "metric": plan.spec.metric.name, "trials": len(plan.trials)},
-                 state={**run_state(plan, max_concurrent), "kind": "ablation"}, resume=resume) as s:
+                 state={**run_state(plan, max_concurrent), "kind": "ablation"}, resume=resume,
+                 cells=preflight.plan_cells(plan), pending_timeout=pending_timeout) as s:
         recorder = s.run_grid(plan, max_concurrent, reuse=reuse, refill=fill)
         summary, md = s.finish_table(recorder)
         failed = [r for r in recorder.trials.values() if r["status"] != OK]
         end_parent(s, failed, interrupted=recorder.interrupted > 0)
         return Outcome(run_dir=s.run_dir, summary=summary, markdown=md, failed=failed, tracking_uri=s.tracker.uri,
                        parent_run_id=s.parent_run_id, trials=len(plan.trials), interrupted=recorder.interrupted > 0,
-                       tracking_offline=s.tracker.offline)
+                       tracking_offline=s.tracker.offline, stalled=s.stalled)
