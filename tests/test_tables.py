@@ -7,6 +7,8 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgba
+from matplotlib.container import BarContainer
 from scipy import stats
 
 from orchestrator.tables import (
@@ -249,25 +251,101 @@ def assert_png(path):
         p.name for p in path.parent.iterdir() if not p.name.startswith(".tmp"))  # no leftovers
 
 
-def test_plot_curves_writes_png_with_nan_epochs_and_empty_row(tmp_path):
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions save (orchestrator.tables.save_figure, still called), to read their data."""
+    import orchestrator.tables as tables
+
+    saved, save = [], tables.save_figure
+    monkeypatch.setattr(tables, "save_figure", lambda fig, path: (saved.append(fig), save(fig, path)))
+    return saved
+
+
+def band_edges(collection) -> dict[float, tuple[float, float]]:
+    """A fill_between band's (low, high) at each x, from its polygon's vertices."""
+    edges: dict[float, list[float]] = {}
+    for x, y in collection.get_paths()[0].vertices:
+        edges.setdefault(round(float(x), 9), []).append(float(y))
+    return {x: (min(ys), max(ys)) for x, ys in edges.items()}
+
+
+def test_plot_curves_draws_mean_and_std_band_per_row(tmp_path, figures):
     rows = spec_rows([("FCN", None), ("r_IoU", None), ("all failed", None)])
     path = tmp_path / "plots" / "curves.png"
     plot_curves(make_epochs({"FCN": 3, "r_IoU": 3}), METRIC, rows, path)
     assert_png(path)
+    (ax,) = figures[-1].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"FCN", "r_IoU", "all failed (no data)"}
+    assert len(lines["all failed (no data)"].get_xdata()) == 0
+    bands = ax.collections
+    assert len(bands) == 2
+    for row_index, name in enumerate(["FCN", "r_IoU"]):
+        # make_epochs: 50 + 5 epoch + row_index + seed over seeds 0, 1, 2 (epoch 2 not evaluated): mean +1, std 1
+        epochs = [1, 3, 4]
+        values = np.array([[50 + 5 * e + row_index + s for s in range(3)] for e in epochs], dtype=float)
+        mean, std = values.mean(1), values.std(1, ddof=1)
+        assert list(lines[name].get_xdata()) == epochs
+        np.testing.assert_allclose(lines[name].get_ydata(), mean)
+        np.testing.assert_allclose(bands[row_index].get_facecolor()[0][:3], to_rgba(lines[name].get_color())[:3])
+        edges = band_edges(bands[row_index])
+        for e, m, sd in zip(epochs, mean, std):
+            np.testing.assert_allclose(edges[e], (m - sd, m + sd))
+    assert lines["FCN"].get_color() != lines["r_IoU"].get_color()
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == METRIC
 
 
-def test_plot_curves_single_seed(tmp_path):
+def test_plot_curves_single_seed_has_no_band(tmp_path, figures):
     path = tmp_path / "curves.png"
     plot_curves(make_epochs({"FCN": 1}), METRIC, spec_rows([("FCN", None)]), path)
     assert_png(path)
+    (ax,) = figures[-1].axes
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [1, 3, 4] and list(line.get_ydata()) == [55.0, 65.0, 70.0]
+    assert not ax.collections          # one seed: no std, no band
 
 
-def test_plot_bars_writes_png(tmp_path, summary):
+def test_plot_bars_draws_means_std_and_paper_numbers(tmp_path, summary, figures):
     path = tmp_path / "bars.png"
     plot_bars(summary, METRIC, str(path))
     assert_png(path)
     plot_bars(summary, METRIC, path)  # overwrites in place
     assert_png(path)
+    (ax,) = figures[-1].axes
+    # from CELLS, by numpy: rows with at least one ok seed get a bar of their mean, +-1 sample std (0 for one seed)
+    names = list(CELLS)
+    ok = {n: np.array([v for v in vals if v is not None]) for n, vals in CELLS.items()}
+    with_data = [i for i, n in enumerate(names) if len(ok[names[i]])]
+    means = [ok[names[i]].mean() for i in with_data]
+    stds = [ok[names[i]].std(ddof=1) if len(ok[names[i]]) > 1 else 0.0 for i in with_data]
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bars], with_data)
+    np.testing.assert_allclose([b.get_height() for b in bars], means)
+    best = int(np.argmax(means))      # the best mean is orange, the others blue
+    orange, blue = to_rgba("tab:orange"), to_rgba("tab:blue")
+    assert [b.get_facecolor() for b in bars] == [orange if i == best else blue for i in range(len(bars))]
+    (whiskers,) = bars.errorbar.lines[2]
+    np.testing.assert_allclose([(seg[0][1], seg[1][1]) for seg in whiskers.get_segments()],
+                               [(m - s, m + s) for m, s in zip(means, stds)])
+    (paper,) = [c for c in ax.collections if c is not whiskers]
+    np.testing.assert_allclose(paper.get_offsets(), [(0, 67.8), (1, 77.1), (2, 75.0)])
+    assert [t.get_text() for t in ax.texts] == ["no data"] and ax.texts[0].get_position()[0] == 2
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+
+
+def test_plot_pixels_follow_the_data(tmp_path):
+    """The saved image itself: the same data gives the same pixels, other data other pixels."""
+    from matplotlib.image import imread
+
+    epochs = make_epochs({"FCN": 3})
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    plot_curves(epochs, METRIC, spec_rows([("FCN", None)]), paths[0])
+    plot_curves(epochs, METRIC, spec_rows([("FCN", None)]), paths[1])
+    moved = epochs.assign(**{METRIC: epochs[METRIC].where(epochs["epoch"] != 4, 0.0)})
+    plot_curves(moved, METRIC, spec_rows([("FCN", None)]), paths[2])
+    a, b, c = (imread(p) for p in paths)
+    assert np.array_equal(a, b)
+    assert a.shape != c.shape or not np.array_equal(a, c)
 
 
 def test_paper_std_and_pending_rows():
