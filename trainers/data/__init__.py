@@ -58,5 +58,56 @@ def endovis2018(cfg, split: str):
     return EndoVis2018(cfg.root, split, image_size=cfg.image_size, size=size)
 
 
+@DATASETS.register("synthetic_cod")
+def synthetic_cod(cfg, split: str):
+    """Embedded camouflaged-object scenes (trainers/data/foreground.py): binary masks, object textured like its
+    background."""
+    return _foreground(cfg, split, "camouflaged")
+
+
+@DATASETS.register("synthetic_sod")
+def synthetic_sod(cfg, split: str):
+    """Embedded salient-object scenes (trainers/data/foreground.py): the same layouts, a conspicuous object."""
+    return _foreground(cfg, split, "salient")
+
+
+def _foreground(cfg, split: str, flavour: str):
+    from trainers.data.foreground import SyntheticForeground
+
+    _no_voc_keys(cfg)
+    size = cfg.train_size if split == "train" else cfg.val_size
+    return SyntheticForeground(split, size=size or (512 if split == "train" else 128), image_size=cfg.image_size,
+                               seed=cfg.seed, flavour=flavour)
+
+
+def _foreground_folder(cfg, split: str, pairs):
+    from trainers.data.cod import ForegroundFolder
+
+    _no_voc_keys(cfg)
+    size = cfg.train_size if split == "train" else cfg.val_size
+    return ForegroundFolder(pairs(cfg.root, split), split, image_size=cfg.image_size, size=size)
+
+
+@DATASETS.register("cod10k")
+def cod10k(cfg, split: str):
+    """COD10K-v3: train = Train (3,040 camouflaged images), val = Test (2,026) (trainers/data/cod.py)."""
+    from trainers.data.cod import cod10k_pairs
+    return _foreground_folder(cfg, split, cod10k_pairs)
+
+
+@DATASETS.register("camo")
+def camo(cfg, split: str):
+    """CAMO-V.1.0-CVIU2019: train = Images/Train (1,000), val = Images/Test (250)."""
+    from trainers.data.cod import camo_pairs
+    return _foreground_folder(cfg, split, camo_pairs)
+
+
+@DATASETS.register("duts")
+def duts(cfg, split: str):
+    """DUTS: train = DUTS-TR (10,553), val = DUTS-TE (5,019)."""
+    from trainers.data.cod import duts_pairs
+    return _foreground_folder(cfg, split, duts_pairs)
+
+
 def build_dataset(cfg, split: str):
     return DATASETS.get(cfg.name)(cfg, split)
