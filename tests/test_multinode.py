@@ -10,13 +10,31 @@ import torch
 
 from conftest import tiny
 from orchestrator.spec import resolve
+from orchestrator.sweep import DRIVER_RESOURCE, fitting_trials, trial_resources
 from orchestrator.trial import scaling_config
 from trainers.config import Config
-from trainers.loop import CHECKPOINT_FILE, RANK_RECORD, RANKS_DIR, fit, tensors_sha256, write_checkpoint
+from trainers.data import build_dataset
+from trainers.loop import (CHECKPOINT_FILE, RANK_RECORD, RANKS_DIR, fit, seed_everything, tensors_sha256,
+                           write_checkpoint)
+from trainers.methods import build_method
 
 
 def config(**resources) -> dict:
     return Config.model_validate({"resources": resources}).model_dump(mode="json")
+
+
+def initial_parameters(config: dict) -> dict[str, torch.Tensor]:
+    """The parameters a run of `config` starts from, rebuilt here: trainers.loop seeds every generator with the
+    config's seed and then builds the method (the datasets draw from their own generators)."""
+    cfg = Config.model_validate(config)
+    seed_everything(cfg.seed)
+    data = build_dataset(cfg.data, "train")
+    return {k: v.detach().clone() for k, v in build_method(cfg, data.num_classes, data.ignore_index).named_parameters()}
+
+
+def parameters_of(state: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    """The parameters among a checkpoint's model state (which also holds buffers: BatchNorm statistics)."""
+    return {k: state[k] for k in names}
 
 
 def test_resources_reach_the_scaling_config():
@@ -29,6 +47,46 @@ def test_resources_reach_the_scaling_config():
     default = scaling_config(config())
     assert default.num_workers == 1 and default.use_gpu is False
     assert default.resources_per_worker == {"CPU": 1} and default.placement_strategy == "PACK"
+
+
+def test_tensors_sha256_is_equal_exactly_for_identical_tensors():
+    a = {"w": torch.linspace(-1, 1, 7), "b": torch.zeros(3)}
+    assert tensors_sha256({k: v.clone() for k, v in reversed(a.items())}) == tensors_sha256(a)
+    one_ulp = a["w"].clone()
+    one_ulp[3] = torch.nextafter(one_ulp[3], torch.tensor(1.0))
+    for other in ({**a, "w": one_ulp}, {**a, "w": a["w"].double()}, {**a, "w": a["w"].view(1, 7)},
+                  {"v": a["w"], "b": a["b"]}, {"w": a["w"]}):
+        assert tensors_sha256(other) != tensors_sha256(a)
+
+
+def test_trial_resources_hold_a_driver_unit_not_a_cpu():
+    """A TorchTrainer trial's driver only waits: on a local Ray it holds one TRAIN_DRIVER unit and no CPU, on a
+    cluster without that unit half a CPU; an in-process trial (workers 0) trains and holds its CPUs (and GPUs)."""
+    assert trial_resources(config(), local_driver_resource=True) == {"cpu": 0, DRIVER_RESOURCE: 1}
+    assert trial_resources(config(), local_driver_resource=False) == {"cpu": 0.5}
+    assert trial_resources(config(workers=0, cpus_per_worker=2), True) == {"cpu": 2}
+    assert trial_resources(config(workers=0, cpus_per_worker=2, gpus_per_worker=0.5), True) == {"cpu": 2, "gpu": 0.5}
+
+
+@pytest.mark.parametrize("resources, cpus, expect", [
+    ({}, 2, 2),                                              # the default on 2 cores: two trials at a time
+    ({"workers": 2}, 2, 1),
+    ({"workers": 0}, 2, 2),                                  # in-process trials
+    ({"workers": 1, "cpus_per_worker": 0.5}, 2, 4),
+    ({"workers": 2, "cpus_per_worker": 2}, 16, 4),
+    ({"workers": 1, "cpus_per_worker": 4}, 2, 1),           # larger than the machine: still one at a time
+    ({}, 64, 6),                                             # never more than there are trials
+])
+def test_fitting_trials_counts_what_fits(resources, cpus, expect):
+    configs = [config(**resources)] * 6
+    assert fitting_trials(configs, cpus) == expect
+    # the same count from what Ray is asked for: the trial's own CPUs on a local Ray plus its workers' ScalingConfig
+    c = configs[0]
+    per_trial = trial_resources(c, True)["cpu"] + (
+        scaling_config(c).total_resources["CPU"] if c["resources"]["workers"] else 0)
+    assert expect == max(1, min(6, int(cpus // per_trial)))
+    # a mix runs as many at a time as the largest trial allows
+    assert fitting_trials(configs + [config(workers=2, cpus_per_worker=2)], cpus) == max(1, min(7, cpus // 4))
 
 
 def test_placement_is_pack_or_spread():
@@ -48,8 +106,17 @@ def test_final_checkpoint_carries_a_rank_record(tmp_path):
     for epoch in ("1", "2"):   # 32 images, batch 8: all of them, each once
         drawn = record["train_indices"][epoch]
         assert drawn["count"] == 32 and drawn["indices"] == list(range(32))
-    assert record["state_sha256"] == tensors_sha256(states[-1]["model"])
-    assert record["params_sha256"] != tensors_sha256(states[0]["model"])
+    # the digest is that of the final parameters (not of the state with its buffers), which moved from the start
+    init = initial_parameters(tiny(schedule={"epochs": 2}))
+    final = parameters_of(states[-1]["model"], init)
+    assert record["params_sha256"] == tensors_sha256(final) != tensors_sha256(states[-1]["model"])
+    assert all(not torch.equal(final[k], init[k]) for k in init), [k for k in init if torch.equal(final[k], init[k])]
+    assert record["params_sha256"] != tensors_sha256(init)
+    # the rebuilt start is the run's start: with a learning rate of 1e-30 only the zeros (biases) move, by ~1e-30
+    still = []
+    fit(tiny(schedule={"epochs": 1, "lr": 1e-30}), lambda m, s: still.append(s))
+    for k, v in parameters_of(still[-1]["model"], init).items():
+        torch.testing.assert_close(v, init[k], rtol=0, atol=1e-25, msg=k)
 
     write_checkpoint(str(tmp_path), states[-1], rank=0)
     assert json.loads((tmp_path / RANKS_DIR / "rank0.json").read_text()) == record
@@ -118,5 +185,11 @@ def test_ddp_trial_over_two_nodes_trains_disjoint_shards_to_identical_weights(tm
         a, b = (set(r["train_indices"][epoch]["indices"]) for r in records)
         assert len(a) == len(b) == 16
         assert not a & b and a | b == set(range(32))
-    # the gradient all-reduce happened: both ranks stepped to bit-identical parameters
+    # the gradient all-reduce happened: both ranks stepped to bit-identical parameters, those rank 0 checkpointed,
+    # which are not the ones they started from
     assert records[0]["params_sha256"] == records[1]["params_sha256"]
+    init = initial_parameters(json.loads(trials.loc[0, "config_json"]))
+    final = parameters_of(torch.load(checkpoint / CHECKPOINT_FILE, weights_only=False)["model"], init)
+    assert records[0]["params_sha256"] == tensors_sha256(final)
+    assert not any(torch.equal(final[k], init[k]) for k in init)
+    assert records[0]["params_sha256"] != tensors_sha256(init)
