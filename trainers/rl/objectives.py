@@ -21,9 +21,10 @@ def soft_capped_ratio(log_ratio: torch.Tensor, cap: float = LOG_RATIO_CAP) -> to
     of the min, inside or outside [1 - eps, 1 + eps]) comes out as with the exact ratio, and the gradient is non-zero
     wherever that of exp is.
     """
-    above = (log_ratio - cap).clamp_min(0.0)
-    below = (-cap - log_ratio).clamp_min(0.0)
-    return torch.exp(log_ratio.clamp(-cap, cap)) * (1.0 + above) / (1.0 + below)
+    above = torch.relu(log_ratio - cap)
+    below = torch.relu(-cap - log_ratio)
+    # log_ratio - above + below is clamp(log_ratio, -cap, cap) with slope 1 at +-cap itself (clamp's is 0 there)
+    return torch.exp(log_ratio - above + below) * (1.0 + above) / (1.0 + below)
 
 
 def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps: float = 0.2,
