@@ -95,6 +95,8 @@ def evaluate(model, loader, class_names: list[str], rt: Runtime, eval_cfg=None, 
     confusion matrix, all-reduced. eval_cfg: trainers.config.EvalConfig (None: whole image, one scale);
     accel: the train step's precision and memory format (trainers.accel.Accel), None for fp32."""
     eval_cfg = eval_cfg or EvalConfig()
+    if hasattr(model, "evaluate_own"):     # a method with its own validation metrics (seg_r1: S-measure, wF, ...)
+        return model.evaluate_own(loader, rt, eval_cfg, accel)
     model.eval()
     cm = ConfusionMatrix(len(class_names), model.ignore_index, device=rt.device)
     for images, masks in loader:
