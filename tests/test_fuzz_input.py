@@ -8,6 +8,7 @@ test here starts a sweep). Then explicit regressions, one per bug the fuzzing fo
 import contextlib
 import io
 import json
+import math
 import tempfile
 import textwrap
 from pathlib import Path
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.cli import sweep_main
+from orchestrator.preflight import local_nodes
 
 FUZZ = dict(deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
@@ -75,8 +77,9 @@ CONFIG_KEYS = ["seed", "data", "data.name", "data.image_size", "data.train_size"
                "method.seg_loss.dice", "method.policy", "method.policy.ema_eta", "method.policy.blocks",
                "method.loss.lambda_kl", "method.baseline.kind", "method.reward.weights", "method.reward.weights.iou",
                "schedule", "schedule.epochs", "schedule.lr", "schedule.optimizer", "schedule.grad_clip",
-               "schedule.eval_every", "resources", "resources.workers", "resources.cpus_per_worker",
-               "resources.gpus_per_worker"]
+               "schedule.eval_every", "schedule.batch_size", "resources", "resources.workers",
+               "resources.cpus_per_worker", "resources.gpus_per_worker", "resources.placement",
+               "resources.max_failures"]
 SPEC_KEYS = ["name", "title", "paper", "metric", "metric.name", "metric.mode", "seeds", "base", "profiles", "rows"]
 SEARCH_KEYS = ["search", "num_samples", "trial_seed", "sampler", "sampler.seed", "sampler.n_startup_trials",
                "scheduler", "scheduler.kind", "scheduler.grace_period", "scheduler.reduction_factor", "confirm",
@@ -235,7 +238,10 @@ override_values = st.one_of(
                      "!!python/name:os.system", "1\n---\n2", "a: b", "- 1", "'unclosed", "[" * 3000,
                      "{a: " * 40 + "1" + "}" * 40, "3 # comment", "%YAML 1.1", "@x", "`x", "9" * 5000]))
 GOOD_OVERRIDES = ["schedule.epochs=3", "seeds=[7]", "metric.mode=min", "method.seg_loss.dice=0.5", "num_samples=6",
-                  "scheduler=none", "confirm.top_k=1", "schedule={batch_size: 4}", "data.train_size=null", "title=x"]
+                  "scheduler=none", "confirm.top_k=1", "schedule={batch_size: 4}", "data.train_size=null", "title=x",
+                  "resources.workers=3", "resources.workers=0", "resources.gpus_per_worker=1",
+                  "resources.cpus_per_worker=0.5", "schedule.batch_size=1000", "scheduler.grace_period=5",
+                  "schedule.epochs=1", "data.train_size=8", "metric.name=val/IoU/thread"]
 override_args = st.one_of(
     st.sampled_from(GOOD_OVERRIDES),
     st.builds(lambda k, sep, v: k + sep + v, override_keys, st.sampled_from(["=", "=", "=", "", "==", " = ", "=\n"]),
@@ -259,12 +265,61 @@ def test_any_key_value_overrides(overrides, search):
                                                  "--max-concurrent=0", "--profile=\x00", "--profile=\u2028"]),
                                override_args), min_size=1, max_size=3))
 def test_any_options_on_the_command_line(args):
-    if "--list" in args or "--resume" in args:      # --list prints the registries; --resume: tested below
-        return
     with workdir() as d:
         spec = Path(d) / "spec.yaml"
         spec.write_text(dump(ABLATION, (False, None)))
-        fuzzed(spec, *args)
+        if "--list" not in args:     # --resume: no run folder here, so it is one line (or a dry run of nothing)
+            fuzzed(spec, *args)
+            return
+        results = Path(d) / "results"      # --list prints the registries and ignores the rest, if it parses
+        rc, out, err = sweep(str(spec), *args, "--results-dir", str(results))
+        assert not results.exists()
+        if rc == 0:
+            assert err == "" and "presets:" in out and "methods:" in out, (out, err)
+        else:
+            assert rc == 2 and err.count("\n") == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+# resources and scheduler values: a plan that passes the dry run must fit this machine and its own schedule
+MACHINE = local_nodes()[0]
+counts = st.one_of(st.integers(0, 5), st.sampled_from(HUGE))
+amounts = st.one_of(st.sampled_from([0.25, 0.5, 1, 2, 3, 64]), st.floats(0, 8), numbers)
+PLAN_VALUES = ["workers", "cpus", "gpus", "batch", "train", "epochs", "grace", "factor"]
+
+
+@settings(max_examples=80, **FUZZ)
+@given(workers=st.integers(0, 3), cpus=st.sampled_from([0.5, 1, 2]), gpus=st.sampled_from([0, 0, 0, 0.5, 1]),
+       batch=st.integers(1, 40), train=st.integers(1, 64), epochs=st.integers(1, 4), grace=st.integers(1, 4),
+       factor=st.sampled_from([2, 3.5]), search=st.booleans(),
+       wild=st.one_of(st.none(), st.tuples(st.sampled_from(PLAN_VALUES), st.one_of(counts, amounts, st.none()))))
+def test_any_resources_and_scheduler_values(workers, cpus, gpus, batch, train, epochs, grace, factor, search, wild):
+    """Plausible values, one of them (`wild`) anything."""
+    if wild is not None:
+        name, value = wild
+        workers, cpus, gpus, batch, train, epochs, grace, factor = (
+            value if n == name else v for n, v in zip(PLAN_VALUES, (workers, cpus, gpus, batch, train, epochs,
+                                                                     grace, factor)))
+    overrides = [f"resources.workers={yaml_flow(workers)}", f"resources.cpus_per_worker={yaml_flow(cpus)}",
+                 f"resources.gpus_per_worker={yaml_flow(gpus)}", f"schedule.batch_size={yaml_flow(batch)}",
+                 f"data.train_size={yaml_flow(train)}", f"schedule.epochs={yaml_flow(epochs)}"]
+    if search:
+        overrides += [f"scheduler.grace_period={yaml_flow(grace)}", f"scheduler.reduction_factor={yaml_flow(factor)}"]
+    with workdir() as d:
+        if search:
+            (Path(d) / "space.yaml").write_text(dump(SPACE, (False, None)))
+        spec = Path(d) / "spec.yaml"
+        spec.write_text(dump(SEARCH if search else ABLATION, (False, None)))
+        rc, _, err = assert_clean_exit(spec, *overrides)
+        event(f"exit {rc}")
+        if rc != 0:
+            return
+    # an independent account of what the plan check promises for a plan it lets through
+    ranks = max(workers, 1)
+    assert ranks * cpus <= MACHINE["CPU"] + 1e-9 and ranks * gpus <= MACHINE["GPU"] + 1e-9, err
+    if train is not None:
+        assert batch <= math.ceil(train / ranks)
+    if search:
+        assert grace <= epochs and factor > 1
 
 
 @st.composite
