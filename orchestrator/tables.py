@@ -19,8 +19,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-SUMMARY_COLUMNS = ["row", "n", "mean", "std", "delta", "p_welch", "paper", "paper_std", "failed", "pending", "best"]
+SUMMARY_COLUMNS = ["row", "n", "mean", "std", "delta", "p_welch", "paper", "paper_std", "failed", "pending",
+                   "rl_clipfrac", "rl_inert", "best"]
 DASH = "—"
+CLIPFRAC = "rl/clipfrac"
+INERT_CLIPFRAC = 0.95      # a row's PPO term is inert when its clipfrac is at least this over its last half of epochs
+INERT_MARK = "†"
 
 
 # --------------------------------------------------------------------------- statistics
@@ -49,14 +53,29 @@ def _ok_values(trials: pd.DataFrame, metric: str, name: str) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "max") -> pd.DataFrame:
+def late_clipfrac(epochs: pd.DataFrame | None, name: str) -> float:
+    """Mean rl/clipfrac of one row over the last half of each of its trials' epochs (NaN without PPO figures)."""
+    if epochs is None or CLIPFRAC not in epochs.columns or not len(epochs):
+        return math.nan
+    data = epochs.loc[epochs["row"] == name, ["trial_id", "epoch", CLIPFRAC]].dropna()
+    if data.empty:
+        return math.nan
+    last = data.groupby("trial_id")["epoch"].transform("max")
+    return float(data.loc[data["epoch"] > last / 2, CLIPFRAC].mean())
+
+
+def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "max",
+              epochs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One line per spec row, in spec order.
 
     Columns: row, n (ok seeds with a value), mean, std (ddof=1; NaN when n < 2), delta (mean minus
     the first row's mean; NaN for the first row), p_welch (Welch t-test vs the first row; NaN for the
     first row or when either side has n < 2), paper and paper_std (NaN when absent), failed (failed
-    trials), pending (why a row could not run, "" for a row that could), best (True on the single row
-    with the best mean; ``mode`` is "max" or "min").
+    trials), pending (why a row could not run, "" for a row that could), rl_clipfrac (the row's PPO clip
+    fraction over the last half of its epochs, from ``epochs``; NaN without), rl_inert (rl_clipfrac >=
+    INERT_CLIPFRAC: nearly every ratio left [1 - eps, 1 + eps], so L_Policy's gradient was mostly off and the
+    row trained on L_seg and the KL pull), best (True on the single row with the best mean; ``mode`` is "max"
+    or "min").
     """
     if mode not in ("max", "min"):
         raise ValueError(f"metric mode must be 'max' or 'min', got {mode!r}")
@@ -79,11 +98,13 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
             "paper_std": math.nan if paper_std is None else float(paper_std),
             "failed": int(((trials["row"] == spec_row["name"]) & (trials["status"] == "failed")).sum()),
             "pending": spec_row.get("pending") or "",
+            "rl_clipfrac": late_clipfrac(epochs, spec_row["name"]),
         })
-    summary = pd.DataFrame(lines, columns=SUMMARY_COLUMNS[:-1])
+    summary = pd.DataFrame(lines, columns=SUMMARY_COLUMNS[:-2])
     summary = summary.astype({"row": object, "n": int, "failed": int,
                               "mean": float, "std": float, "delta": float, "p_welch": float, "paper": float,
-                              "paper_std": float, "pending": object})
+                              "paper_std": float, "pending": object, "rl_clipfrac": float})
+    summary["rl_inert"] = summary["rl_clipfrac"].to_numpy() >= INERT_CLIPFRAC     # NaN compares False
 
     best = np.zeros(len(summary), dtype=bool)
     means = summary["mean"]
@@ -91,6 +112,13 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
         best[(means.idxmax() if mode == "max" else means.idxmin())] = True
     summary["best"] = best
     return summary
+
+
+def inert_warnings(summary: pd.DataFrame) -> list[str]:
+    """One line per row whose RL term was inert (summarize's rl_inert)."""
+    return [f"row {line.row!r}: the RL term was inert (rl/clipfrac {line.rl_clipfrac:.2f} >= {INERT_CLIPFRAC} over "
+            f"the last half of its epochs): L_Policy's gradient was mostly off, the row trained on L_seg and the KL "
+            f"pull; see method.loss.ratio_level" for line in summary.itertuples(index=False) if line.rl_inert]
 
 
 # --------------------------------------------------------------------------- human formatting
@@ -129,6 +157,11 @@ def _reference_name(summary: pd.DataFrame) -> str:
     return str(summary["row"].iloc[0]) if len(summary) else "first row"
 
 
+def _row_label(line) -> str:
+    """The row name, marked when its RL term was inert."""
+    return str(line.row) + (f" {INERT_MARK}" if getattr(line, "rl_inert", False) else "")
+
+
 def _cells(line) -> list[str]:
     """The human-formatted cells of one summary line, in table column order after the row name."""
     return [
@@ -150,7 +183,7 @@ def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None
     listed under it."""
     header = ["row", "n", f"{metric} (mean ± std)", f"Δ vs {_reference_name(summary)}",
               "p (Welch)", "paper", "failed"]
-    body = [[str(line.row)] + _cells(line) for line in summary.itertuples(index=False)]
+    body = [[_row_label(line)] + _cells(line) for line in summary.itertuples(index=False)]
     header = [_escape_markdown(h) for h in header]
     body = [[_escape_markdown(c) for c in cells] for cells in body]
 
@@ -174,6 +207,9 @@ def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None
         out += [""] + [f"- {_escape_markdown(str(row))}: not run ({_escape_markdown(why)})" for row, why in pending]
     if reused is not None:
         out += ["", f"{reused} cell{'' if reused == 1 else 's'} reused from earlier runs"]
+    if "rl_inert" in summary and summary["rl_inert"].any():
+        out += ["", f"{INERT_MARK} RL term inert: rl/clipfrac >= {INERT_CLIPFRAC} over the last half of the epochs "
+                    "(L_Policy's gradient mostly off)"]
     if notes:
         out += [""] + [f"- {_escape_markdown(n)}" for n in notes]
     return "\n".join(out) + "\n"
@@ -222,7 +258,7 @@ def render_latex(summary: pd.DataFrame, metric: str, caption: str | None = None)
         cells = [_latex_cell(c) for c in _cells(line)]
         if bool(line.best):
             cells[1] = rf"\textbf{{{cells[1]}}}"
-        out.append(" & ".join([latex_escape(line.row)] + cells) + r" \\")
+        out.append(" & ".join([latex_escape(_row_label(line)).replace(INERT_MARK, r"$^\dagger$")] + cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     if caption:
         out = [r"\begin{table}[t]", r"\centering", *out,

@@ -357,3 +357,27 @@ def test_paper_std_and_pending_rows():
     md = render_markdown(s, METRIC)
     assert "78.5 ± 0.43" in md and "- SETR: not run (no vit_large yet)" in md
     assert r"78.5 $\pm$ 0.43" in render_latex(s, METRIC)
+
+
+def test_inert_rl_rows_are_flagged_from_their_last_half_of_epochs():
+    """A row whose rl/clipfrac is >= 0.95 over the last half of its epochs is flagged (column, mark, note, warning);
+    a row that clipped early only, a row under the threshold and a supervised row (no clipfrac) are not."""
+    from orchestrator.tables import inert_warnings
+
+    cells = {"FCN": [66.0, 67.0], "inert": [70.0, 71.0], "early": [72.0, 73.0], "alive": [74.0, 75.0]}
+    late = {"inert": [0.2, 0.3, 1.0, 0.97], "early": [1.0, 1.0, 0.3, 0.2], "alive": [0.9, 0.9, 0.9, 0.94]}
+    epochs = pd.DataFrame([
+        {"trial_id": f"{row}-{seed}", "row": row, "seed": seed, "epoch": e + 1, "rl/clipfrac": clip}
+        for row, clips in late.items() for seed in (0, 1) for e, clip in enumerate(clips)]
+        + [{"trial_id": f"FCN-{s}", "row": "FCN", "seed": s, "epoch": e, "val/mIoU": 60.0}
+           for s in (0, 1) for e in (1, 2, 3, 4)])
+    rows = spec_rows([(name, None) for name in cells])
+    summ = summarize(make_trials(cells), METRIC, rows, epochs=epochs)
+    assert summ["rl_inert"].tolist() == [False, True, False, False]
+    assert summ["rl_clipfrac"].iloc[1] == pytest.approx((1.0 + 0.97) / 2)     # epochs 3 and 4 of 4
+    assert math.isnan(summ["rl_clipfrac"].iloc[0])
+    md = render_markdown(summ, METRIC)
+    assert "| inert †" in md and "RL term inert" in md and "| early †" not in md
+    assert [w.split(":")[0] for w in inert_warnings(summ)] == ["row 'inert'"]
+    assert summ.columns.tolist() == SUMMARY_COLUMNS
+    assert not summarize(make_trials(cells), METRIC, rows)["rl_inert"].any()     # no epochs: nothing flagged
