@@ -78,7 +78,9 @@ def _trial_name(trial) -> str:
 def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[Any, str, list[Path], list[Path]]:
     """table.md/.csv/.tex and plots/*.png from Parquet data; returns (summary, markdown, files, plots)."""
     metric, rows = meta["metric"], meta["rows"]
-    summary = tables.summarize(trials, metric, rows, mode=meta.get("mode", "max"))
+    summary = tables.summarize(trials, metric, rows, mode=meta.get("mode", "max"), epochs=epochs)
+    for line in tables.inert_warnings(summary):
+        print(f"warning: {line}", flush=True)
     title = meta.get("title") or meta.get("spec")
     md = tables.render_markdown(summary, metric, title=title, notes=meta.get("notes"),
                                 reused=meta.get("reused") or None)
