@@ -91,6 +91,9 @@ class SegLossConfig(Strict):
     """L_seg = ce * CE + dice * Dice (the supervised term every method keeps)."""
     ce: float = Field(1.0, ge=0)
     dice: float = Field(0.0, ge=0)
+    # mean: over the batch's valid pixels (SSSegmentation, F.cross_entropy). image_sum: paper 002's Eq. 2 as written,
+    # (1/N) sum_i sum_p CE, a sum over each image's pixels (H*W times larger: 262,144 at 512^2), mean over images.
+    ce_reduction: Literal["mean", "image_sum"] = "mean"
 
 
 class MethodConfig(Strict):

@@ -22,12 +22,15 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 25
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, cfg, ignore_index: int = 255,
                       pixel_ce: bool = False) -> dict[str, torch.Tensor]:
-    """L_seg = cfg.ce * CE + cfg.dice * Dice; returns the total and its terms (for logging).
-    pixel_ce: also return the per-pixel CE (B, H, W) as "pixel_ce" (0 on ignore pixels), CE being its mean over
-    the valid pixels (= F.cross_entropy's "mean"), for a caller that needs both (latent_rl's r^CE)."""
-    if pixel_ce:
+    """L_seg = cfg.ce * CE + cfg.dice * Dice; returns the total and its terms (for logging). CE is the mean over
+    the batch's valid pixels, or with cfg.ce_reduction "image_sum" Eq. 2's sum over each image's pixels, averaged
+    over the images.
+    pixel_ce: also return the per-pixel CE (B, H, W) as "pixel_ce" (0 on ignore pixels), for a caller that needs
+    both (latent_rl's r^CE)."""
+    if pixel_ce or cfg.ce_reduction == "image_sum":
         per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
-        ce = per_pixel.sum() / (target != ignore_index).sum()
+        count = target.shape[0] if cfg.ce_reduction == "image_sum" else (target != ignore_index).sum()
+        ce = per_pixel.sum() / count
     else:
         ce = F.cross_entropy(logits, target, ignore_index=ignore_index)
     out = {"loss_seg": cfg.ce * ce, "loss_ce": ce.detach()}

@@ -40,6 +40,15 @@ class RayTrainRuntime(Runtime):
     """A Ray Train worker: DDP via prepare_model, device placement via prepare_data_loader."""
 
     def prepare_model(self, model):
+        """DDP (broadcast_buffers on): before each forward every buffer takes rank 0's value. Per buffer, why that
+        is right: BatchNorm running statistics (encoder, decoder, policy, modulation, aux head) see only local
+        batches, and rank 0's are the ones evaluated and checkpointed (with model.sync_bn the batch statistics are
+        global anyway); pi_old's BatchNorm buffers are never used to normalise (it runs on batch statistics, its
+        running stats only follow the EMA rule), and its parameters, an EMA of identical all-reduced parameters,
+        are not buffers; the reward baseline b and its flag are the same on every rank by construction (the
+        baseline's mean reward is all-reduced, trainers.rl.advantage.global_mean), so the broadcast changes
+        nothing; frozen reference policies and constant buffers (clip_rl's action values) are equal on every rank.
+        """
         import ray.train.torch
         # methods whose loss skips some parameters in some steps (RL-only phases) say so
         unused = getattr(model, "ddp_find_unused_parameters", False)

@@ -9,7 +9,7 @@ Read top to bottom beside the paper:
     reward = IoU(O) - IoU(s_L) per image      REINFORCE, L_RL = -mean(A log pi(a)), A from the shared Baseline
                                               (+ beta_ref k3(pi || pi_ref) with `loss.kl_reference`, Seg-R1)
     f = curriculum(e / E)                     (1 - e/E)^2 in the paper
-    L = f L_seg(s_L) + (1 - f) (L_seg(O) + lambda_RL L_RL),  L_seg = CE + Dice
+    L = f L_seg(s_L) + (1 - f) (w_O L_seg(O) + lambda_RL L_RL),  L_seg = CE + Dice, w_O = rl.seg_loss_refined
 Evaluation uses the greedy action (argmax pi) unless `eval_sample`. Without the agent (`rl.enabled: false`,
 CLIP-RL Table IV "+ curriculum") the refinement is O = s_L + r, trained by L_seg(O) alone. The constant
 curriculum (f = 1) is the decoder alone (Table IV row 1): it is evaluated on s_L.
@@ -56,6 +56,9 @@ class RLConfig(Strict):
     enabled: bool = True                       # False: no agent, O = s_L + r (Table IV "+ curriculum")
     lambda_rl: float = Field(1.0, ge=0)
     agent_hidden: int = Field(256, ge=1)       # the MLP on the pooled encoder features
+    # weight of L_seg(O) beside lambda_RL L_RL in the (1 - f) part: the paper names the curriculum's two phases
+    # but not whether O itself is supervised; ours: 1. 0 = the RL term alone trains the refinement.
+    seg_loss_refined: float = Field(1.0, ge=0)
 
 
 class ClipRLLossConfig(ReferenceKLConfig):
@@ -160,7 +163,8 @@ class ClipRL(SegMethod):
         out.update({f"{k}_O": v for k, v in seg_o.items()})
         out.update(loss_rl=loss_rl.detach(), reward=reward.mean(), advantage=adv.mean(),
                    baseline=self.baseline.value.float(), alpha=alpha.float().mean(), entropy=dist.entropy().mean().detach())
-        out["loss"] = f * seg_l["loss_seg"] + (1 - f) * (seg_o["loss_seg"] + m.rl.lambda_rl * loss_rl)
+        out["loss"] = f * seg_l["loss_seg"] + (1 - f) * (m.rl.seg_loss_refined * seg_o["loss_seg"]
+                                                         + m.rl.lambda_rl * loss_rl)
         if self.ref_agent is not None:                                              # k3 per action (token), mean
             with torch.no_grad():
                 ref = torch.distributions.Categorical(logits=self.ref_agent(z.mean((2, 3))))

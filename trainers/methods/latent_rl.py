@@ -89,7 +89,8 @@ class LatentRLConfig(MethodConfig):
     name: Literal["latent_rl"] = "latent_rl"
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     modulation: Literal["add", "mul", "concat", "mha"] = "mha"
-    attention_heads: int = Field(4, ge=1)
+    attention_heads: int = Field(4, ge=1)           # of the Eq. 14 MHA (paper: unstated)
+    alpha_init: float = 0.1                          # the learnable scale alpha of z_mod (Sec. 3.2; paper: unstated)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -106,7 +107,7 @@ class Modulation(nn.Module):
         """The decoder sees [z, s] (concat) or [z, alpha z_mod] (mha): 2d channels; else d."""
         return 2 * channels if kind in ("concat", "mha") else channels
 
-    def __init__(self, kind: str, channels: int, heads: int):
+    def __init__(self, kind: str, channels: int, heads: int, alpha_init: float = 0.1):
         super().__init__()
         self.kind = kind
         if kind == "mha":
@@ -115,7 +116,7 @@ class Modulation(nn.Module):
             self.project = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
                                          nn.ReLU(inplace=True))                       # Eq. 13
             self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)  # parameters; see attend
-            self.alpha = nn.Parameter(torch.tensor(0.1))                               # learnable scale (Sec. 3.2)
+            self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))                 # learnable scale (Sec. 3.2)
 
     def forward(self, z: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "add":
@@ -153,7 +154,7 @@ class LatentRL(SegMethod):
         super().__init__(cfg, num_classes, ignore_index,
                          decoder_in_channels=lambda d: Modulation.output_width(m.modulation, d))
         d = self.segmentor.encoder.out_channels      # latent width
-        self.modulation = Modulation(m.modulation, d, m.attention_heads)
+        self.modulation = Modulation(m.modulation, d, m.attention_heads, m.alpha_init)
         self.policy = self.old_policy = self.ref_policy = None
         if m.policy.enabled:
             self.policy = GaussianLatentPolicy(d, m.policy.blocks, tuple(m.policy.pool), m.policy.log_sigma_bound,
