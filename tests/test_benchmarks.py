@@ -46,3 +46,13 @@ def test_clip_rl_step_runs_and_prints_time_and_memory():
     assert out.returncode == 0, out.stderr[-2000:]
     line = re.search(r"embedded: clip_vit_tiny .* median step ([0-9.]+) ms .* peak RSS ([0-9]+) MiB", out.stdout)
     assert line and float(line.group(1)) > 0 and int(line.group(2)) > 0, out.stdout
+
+
+def test_mlflow_down_runs_and_prints_the_cost_of_each_outage():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mlflow_down.py"), "--deadline", "0.5",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for case in ("closed port", "503 to everything", "never answers"):
+        assert re.search(rf"^{case}: offline after [0-9.]+ s .*; 100 calls offline [0-9.]+ ms$", out.stdout, re.M), \
+            out.stdout
+    assert "503 to everything: offline after" in out.stdout and ", 2 requests)" in out.stdout, out.stdout

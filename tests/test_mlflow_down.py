@@ -35,47 +35,116 @@ def warnings_in(text: str) -> list[str]:
 
 # --------------------------------------------------------------------------- the Tracker on its own (fast)
 
-def test_a_closed_port_costs_seconds_and_one_warning(tmp_path, capsys):
-    import mlflow.tracking  # noqa: F401  (the import is not what we time)
+class CountingServer:
+    """An HTTP server on 127.0.0.1 that counts the requests it gets and answers each with `status` (503: a server
+    that is up and failing), or, with status None, accepts connections, counts them and never answers."""
 
+    def __init__(self, status: int | None):
+        import http.server
+        import threading
+
+        self.requests, self.connections = [], 0
+        self._release = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def handle(self):
+                outer.connections += 1
+                if status is None:
+                    outer._release.wait()                  # hold the connection open, say nothing
+                    return
+                super().handle()
+
+            def answer(self):
+                outer.requests.append(self.path)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def offline_calls(tracker) -> None:
+    """Every kind of call a sweep makes, as the Tracker's and its client's."""
+    assert tracker.start_sweep("sweep", {"sweep_id": "s"}, {"a": 1}) is None
+    assert tracker.start_trial("row | seed 0", {"seed": 0}, {"sweep_id": "s", "trial_id": "t"}) is None
+    tracker.log_metrics("run", {"val/mIoU": 1.0}, step=1)
+    tracker.client.set_tag("run", "stopped_early", "after epoch 1")
+    assert tracker.client.log_metric("some-run", "search/trials", 3.0) is None
+    tracker.end_run("run", ok=False, error="boom")
+    tracker.log_sweep_results(pd.DataFrame(), [], [])
+
+
+@pytest.fixture
+def bounds_unset(monkeypatch):
+    """The HTTP bounds as a user who set none has them (the Tracker fills them in)."""
+    for name in tracking.HTTP_BOUNDS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_closed_port_goes_offline_with_one_warning(tmp_path, capsys, bounds_unset):
     run_dir = tmp_path / "results" / "exp" / "20260101T000000Z-abcdef"
     run_dir.mkdir(parents=True)
     (run_dir / "env.json").write_text("{}")    # what sweep.session writes just before it makes the Tracker
-    t0 = time.monotonic()
     tracker = tracking.Tracker(f"http://127.0.0.1:{free_port()}", "exp", tmp_path / "results" / "mlartifacts")
-    assert time.monotonic() - t0 < 5
     assert tracker.offline and tracker.experiment_id is None
-    # offline: run ids are None, and every call (the Tracker's and its client's) does nothing, at once
-    t0 = time.monotonic()
-    assert tracker.start_sweep("sweep", {"sweep_id": "s"}, {"a": 1}) is None
-    assert tracker.start_trial("row | seed 0", {"seed": 0}, {"sweep_id": "s", "trial_id": "t"}) is None
+    # MLflow's own client waits 120 s per request with 7 retries; the Tracker set 5 s and 1 retry for it
+    assert {k: os.environ[k] for k in tracking.HTTP_BOUNDS} == tracking.HTTP_BOUNDS
+    offline_calls(tracker)                     # offline: run ids are None, and every call does nothing
     tracker.log_metrics(None, {"val/mIoU": 1.0}, step=1)
     tracker.client.set_tag(None, "stopped_early", "after epoch 1")
-    assert tracker.client.log_metric("some-run", "search/trials", 3.0) is None
-    tracker.end_run(None, ok=False, error="boom")
-    tracker.log_sweep_results(pd.DataFrame(), [], [])
-    assert time.monotonic() - t0 < 0.5
     assert pickle.loads(pickle.dumps(tracker)).offline   # Tune ships the Session (with its Tracker) to trials
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and len(warnings_in(err)) == 1
     assert "Connection refused" in err and f"rlseg-sync {run_dir}" in err
 
 
-def test_a_server_that_never_answers_costs_one_deadline(tmp_path, monkeypatch, capsys):
-    # a socket that listens and never accepts: connects succeed, answers never come
-    with socket.socket() as hole:
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(64)
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")    # a user's own (long) timeout is kept ...
-        monkeypatch.setattr(tracking, "CALL_DEADLINE_S", 1.0)     # ... and the whole call still stops in time
-        t0 = time.monotonic()
-        tracker = tracking.Tracker(f"http://127.0.0.1:{hole.getsockname()[1]}", "exp", None)
-        assert time.monotonic() - t0 < 3
+def test_a_failing_server_is_asked_once_and_retried_once_then_never_again(capsys, bounds_unset):
+    """A server that answers 503: the first call makes 1 + MLFLOW_HTTP_REQUEST_MAX_RETRIES (= 1) requests, then the
+    Tracker is offline and no call of any kind sends another (what MLflow's own 7 retries with backoff would cost
+    per call is in benchmarks/mlflow_down.py)."""
+    server = CountingServer(503)
+    try:
+        tracker = tracking.Tracker(server.uri, "exp", None)
         assert tracker.offline
-        t0 = time.monotonic()
+        assert len(server.requests) == 2 and len(set(server.requests)) == 1, server.requests
+        for _ in range(3):
+            offline_calls(tracker)
+        assert len(server.requests) == 2
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert len(warnings_in(err)) == 1 and "(connect: " in err
+
+
+def test_a_server_that_never_answers_costs_one_deadline(monkeypatch, capsys):
+    # a server that accepts connections and never answers
+    server = CountingServer(None)
+    try:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")    # a user's own (long) timeout is kept ...
+        monkeypatch.setattr(tracking, "CALL_DEADLINE_S", 1.0)     # ... and the whole call stops at the deadline
+        tracker = tracking.Tracker(server.uri, "exp", None)
+        assert tracker.offline and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+        assert server.connections == 1 and not server.requests
         for _ in range(5):   # no further attempts: stalls do not add up
             tracker.client.set_tag("run", "k", "v")
-        assert time.monotonic() - t0 < 0.1
+        offline_calls(tracker)
+        assert server.connections == 1
+    finally:
+        server.close()
     err = capsys.readouterr().err
     assert len(warnings_in(err)) == 1 and "no answer within 1 s" in err
 
@@ -242,9 +311,7 @@ def test_sweep_finishes_without_mlflow_and_sync_copies_what_it_missed_once(tmp_p
                         and sweep.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.2)
                 stop_server(server)       # the server goes away after the first trial has ended
-                stopped = time.monotonic()
                 rc = sweep.wait(timeout=400)
-                after_stop = time.monotonic() - stopped
             finally:
                 if sweep.poll() is None:
                     sweep.kill()
@@ -256,14 +323,9 @@ def test_sweep_finishes_without_mlflow_and_sync_copies_what_it_missed_once(tmp_p
         assert len(pd.read_parquet(run_dir / "epochs.parquet")) == 6 and (run_dir / "table.md").is_file()
         warned = warnings_in(stderr)
         assert len(warned) == 1 and f"rlseg-sync {run_dir}" in warned[0], stderr[-3000:]
-        # what the outage cost the sweep: the one call that failed (every later one is skipped) ...
-        lost = float(re.search(r", after ([0-9.]+) s\)", warned[0]).group(1))
-        print(f"\nthe failed MLflow call took {lost:.1f} s; {after_stop:.1f} s from the stop to the end of the sweep; "
-              f"trials took {sorted(trials['wall_s'].round(1))} s")
-        assert lost < 30
-        # ... and, measured from outside, the two trials left after the stop plus the table and shutdown, with the
-        # slack a busy 2-core machine needs (MLflow's own retries would add minutes per call)
-        assert after_stop < 2 * trials["wall_s"].max() + 60, (after_stop, list(trials["wall_s"]))
+        # what the outage cost the sweep: one call, refused (the server is gone) or cut at the call deadline; every
+        # later one is skipped (the time it takes: benchmarks/mlflow_down.py)
+        assert re.search(r"failed \([\w. ]+: (Connection refused|.*no answer within 30 s|timed out)", warned[0]), warned
 
         port = free_port()
         server = start_server(store, port)     # back, on the same store
