@@ -33,3 +33,4 @@ def build_method(cfg, num_classes: int, ignore_index: int):
 
 
 from trainers.methods import clip_rl, latent_rl, supervised  # noqa: E402,F401  (registers)
+from trainers.methods import promptable_pretrain, seg_r1  # noqa: E402,F401  (registers)
