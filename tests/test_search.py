@@ -259,3 +259,60 @@ def test_search_whose_trials_diverge_records_them_failed_without_retries(search_
     assert list(search["status"]) == ["failed", "failed"], search["error"].tolist()
     assert all(e.startswith("TrainingDiverged: training loss became") for e in search["error"]), search["error"]
     assert list(search["epochs"]) == [0, 0]
+
+
+@pytest.mark.integration
+def test_resume_in_the_confirm_phase_keeps_the_search_and_the_ended_confirm_trials(search_spec, tmp_path):
+    """Ctrl-C once the first confirm trial has ended, then --resume: the search is not run again (its Parquet and
+    the Optuna study are as they were), the confirm trials that had ended are not retrained, the rest run, and
+    MLflow has one parent and one FINISHED run per trial. In-process trials (resources.workers=0) keep it short."""
+    import signal
+    import time
+
+    spec = search_spec()
+    results = tmp_path / "results"
+    cmd = [str(BIN / "rlseg-sweep"), str(spec), "--results-dir", str(results)]
+    proc = subprocess.Popen(cmd + ["--profile", "tiny", "--max-concurrent", "1", "num_samples=2", "scheduler=none",
+                                   "confirm={top_k: 1, seeds: [0, 1]}", "resources.workers=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    confirm_parquet = lambda: next(results.glob("demo_search/*/trials.parquet"), None)  # noqa: E731
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:   # Ctrl-C once the first confirm trial has ended
+        if confirm_parquet() is not None and len(pd.read_parquet(confirm_parquet())) >= 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    (run_dir,) = (results / "demo_search").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["phase"] == "confirm"
+    search_before = pd.read_parquet(run_dir / "search" / "trials.parquet")
+    before = pd.read_parquet(run_dir / "trials.parquet")
+    done_before = before[before["status"] == "ok"]
+    assert len(search_before) == 2 and 1 <= len(done_before) < 4
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert list((results / "demo_search").iterdir()) == [run_dir]
+    search = pd.read_parquet(run_dir / "search" / "trials.parquet")
+    pd.testing.assert_frame_equal(search, search_before)                    # the search was not run again
+    study = optuna.load_study(study_name="demo_search", storage=f"sqlite:///{run_dir / 'optuna.db'}")
+    assert len(study.trials) == 2
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    top = [r for r in trials["row"].unique() if r != "base"]
+    assert len(top) == 1 and sorted(zip(trials["row"], trials["seed"])) == [("base", 0), ("base", 1), (top[0], 0),
+                                                                           (top[0], 1)]
+    assert set(trials["status"]) == {"ok"}
+    kept = trials.set_index("trial_id").loc[done_before["trial_id"]]       # ended confirm trials: not retrained
+    assert list(kept["wall_s"]) == list(done_before["wall_s"])
+    assert list(kept["mlflow_run_id"]) == list(done_before["mlflow_run_id"])
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert len(epochs) == 8 and not epochs.duplicated(["trial_id", "epoch"]).any()
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("demo_search").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    finished = [r for r in runs if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags["phase"] for r in finished) == ["confirm"] * 4 + ["search"] * 2
+    assert not [r for r in runs if r.info.status == "RUNNING"]
