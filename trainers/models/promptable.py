@@ -77,7 +77,7 @@ class PromptableTiny(nn.Module):
         super().__init__()
         if dim % 8 or dim % (2 * heads):
             raise ValueError(f"method.segmenter.dim ({dim}) must be a multiple of 8 and of 2 * heads ({2 * heads})")
-        self.dim = dim
+        self.dim = self.embed_channels = dim
 
         def block(i, o, s):
             return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.GroupNorm(8, o), nn.GELU()]
@@ -148,6 +148,8 @@ def promptable_tiny(cfg) -> nn.Module:
 class SAM2Adapter(nn.Module):
     """SAM 2 / 2.1 behind the same interface (sam2.build_sam.build_sam2 + its image predictor's batched path).
     Images arrive ImageNet-normalised, which is SAM 2's own normalisation; they are resized to its 1024 input."""
+
+    embed_channels = 256          # SAM 2's image embedding width
 
     def __init__(self, model):
         super().__init__()
