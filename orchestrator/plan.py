@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from orchestrator.spec import Plan, SearchPlan
+from trainers.config import recipe_line
 
 
 def _seeds(seeds: list[int]) -> str:
@@ -50,11 +51,18 @@ def render_plan(plan: Plan, max_concurrent: int | None = None) -> str:
     lines = _table(table)
     tail = [
         "",
-        _base_line(plan.base_config),
+        *_base_lines(plan.base_config),
         f"max concurrent trials (local): {max_concurrent or default_max_concurrent(plan, os.cpu_count() or 1)}",
         "dry run: nothing started, nothing written",
     ]
     return "\n".join(head + lines + tail)
+
+
+def _base_lines(base: dict) -> list[str]:
+    """The base config in one line, and for data read from disk the recipe's switches in a second."""
+    from orchestrator.preflight import GENERATED
+
+    return [_base_line(base)] + ([] if base["data"]["name"] in GENERATED else [recipe_line(base)])
 
 
 def _base_line(base: dict) -> str:
@@ -93,7 +101,7 @@ def render_search_plan(plan: SearchPlan, max_concurrent: int | None = None) -> s
     lines = _table([("parameter", "distribution", "base value")]
                    + [(p.key, p.describe(), str(_get(plan.base_config, p.key))) for p in plan.params])
     slots = max_concurrent or fitting_trials([plan.search_config] * spec.num_samples, os.cpu_count() or 1)
-    tail = ["", _base_line(plan.base_config)]
+    tail = ["", *_base_lines(plan.base_config)]
     if plan.search_config["schedule"]["eval_every"] != plan.base_config["schedule"]["eval_every"]:
         tail.append("search trials evaluate every epoch (the searcher and the scheduler read the metric each epoch)")
     tail += [f"max concurrent trials (local): {slots}", "dry run: nothing started, nothing written"]

@@ -25,3 +25,18 @@ def test_paper_profile_trains_one_step_at_512(repo, tmp_path):
     metrics = fit(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/loss_aux"])
     assert 0 <= metrics["val/mIoU"] <= 100
+
+
+def test_paper_profile_dry_run_shows_the_recipe(repo, tmp_path, capsys):
+    """`rlseg-sweep ablations/reward.yaml --profile paper data.root=<fixture> --dry-run` names every switch."""
+    from orchestrator.cli import sweep_main
+
+    root = make_voc(tmp_path / "data")
+    rc = sweep_main([str(repo / "ablations" / "reward.yaml"), "--profile", "paper", f"data.root={root}",
+                     "--debug-skip-plan-check", "--dry-run"])    # the fixture is too small for the paper's batches
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    recipe = next(line for line in out.splitlines() if line.startswith("recipe: "))
+    for switch in ("resnet50c_d8", "aux head 0.4", "SyncBN", "photometric", "crop 512 cat_max_ratio 0.75",
+                   "resize (2048, 512) x [0.5, 2.0]", "val_resize (2048, 512)", "bf16 channels_last"):
+        assert switch in recipe, (switch, recipe)
