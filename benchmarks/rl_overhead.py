@@ -6,7 +6,7 @@
 Two settings:
   embedded  the latent_rl preset (tiny_cnn + FCN head, 64 px, batch 16, 8 classes): target ratio <= 1.25
   paper     FCN-R50-D8 at 512 x 512, batch 2, 21 classes (the paper's latent: d = 2048, h = w = 64), random init,
-            the paper's reading of the method (policy trained through z)
+            the paper profile's model and method keys (policy trained through z, element-level ratio)
 A step is forward + backward + optimizer step + the EMA update of the old policy, on synthetic tensors (no data
 loading); the two methods run in alternating blocks of steps. Prints the median step time of each method, their
 ratio, and where latent_rl's extra time goes (forward-only: policy, modulation, the wider decoder, rewards).
@@ -219,9 +219,11 @@ def main() -> None:
         profile = yaml.safe_load((REPO / "trainers" / "presets" / "paper_voc_fcn_r50.yaml").read_text())
         paper["model"] = {**profile["model"], "pretrained": None}          # random init: no download
         paper["schedule"] = profile["schedule"]
-        paper["method"]["policy"].update(profile["method"]["policy"])
+        for part in ("policy", "loss"):
+            paper["method"][part].update(profile["method"].get(part, {}))
         paper = apply_overrides(paper, overrides)
-        print("paper: resnet50_d8+fcn, 512 px, batch 2, 21 classes, SGD (latent 2048 x 64 x 64)")
+        print(f"paper: {paper['model']['encoder']}+{paper['model']['decoder']}, 512 px, batch 2, 21 classes, SGD "
+              f"(latent 2048 x 64 x 64), ratio_level {paper['method']['loss']['ratio_level']}")
         measure("paper", paper, 21, 2, 512, args.paper_steps, 1, device)
 
 
