@@ -1,4 +1,5 @@
-"""Ablation tables from a sweep: mean ± std per row over seeds, delta and Welch p vs the first row.
+"""Ablation tables from a sweep: mean ± std per row over seeds, delta and Welch p vs the first row, and the
+statistics of orchestrator.stats beside them (bootstrap CIs, probability of improvement, Holm, seeds needed).
 
 `summarize` turns the per-trial results (``trials.parquet``) into one line per spec row; the
 renderers turn that summary into ``table.md`` / ``table.csv`` / ``table.tex``; the plot helpers draw
@@ -19,12 +20,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from orchestrator import stats as rowstats
+
+STAT_COLUMNS = ["ci_low", "ci_high", "delta_ci_low", "delta_ci_high", "p_improve", "p_holm", "seeds_needed"]
 SUMMARY_COLUMNS = ["row", "n", "mean", "std", "delta", "p_welch", "paper", "paper_std", "failed", "pending",
-                   "rl_clipfrac", "rl_inert", "best"]
+                   "rl_clipfrac", *STAT_COLUMNS, "rl_inert", "best"]
 DASH = "—"
 CLIPFRAC = "rl/clipfrac"
 INERT_CLIPFRAC = 0.95      # a row's PPO term is inert when its clipfrac is at least this over its last half of epochs
 INERT_MARK = "†"
+P_HEADER = "p (Welch, Holm)"
 
 
 # --------------------------------------------------------------------------- statistics
@@ -75,7 +80,7 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
     fraction over the last half of its epochs, from ``epochs``; NaN without), rl_inert (rl_clipfrac >=
     INERT_CLIPFRAC: nearly every ratio left [1 - eps, 1 + eps], so L_Policy's gradient was mostly off and the
     row trained on L_seg and the KL pull), best (True on the single row with the best mean; ``mode`` is "max"
-    or "min").
+    or "min"), and orchestrator.stats.row_statistics's STAT_COLUMNS (ci_low ... seeds_needed).
     """
     if mode not in ("max", "min"):
         raise ValueError(f"metric mode must be 'max' or 'min', got {mode!r}")
@@ -100,10 +105,13 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
             "pending": spec_row.get("pending") or "",
             "rl_clipfrac": late_clipfrac(epochs, spec_row["name"]),
         })
-    summary = pd.DataFrame(lines, columns=SUMMARY_COLUMNS[:-2])
+    summary = pd.DataFrame(lines, columns=SUMMARY_COLUMNS[:SUMMARY_COLUMNS.index("rl_clipfrac") + 1])
     summary = summary.astype({"row": object, "n": int, "failed": int,
                               "mean": float, "std": float, "delta": float, "p_welch": float, "paper": float,
                               "paper_std": float, "pending": object, "rl_clipfrac": float})
+    extra = rowstats.row_statistics(values, list(summary["paper"]), mode)
+    for column in STAT_COLUMNS:
+        summary[column] = np.asarray(extra[column], dtype=float) if len(summary) else np.array([], dtype=float)
     summary["rl_inert"] = summary["rl_clipfrac"].to_numpy() >= INERT_CLIPFRAC     # NaN compares False
 
     best = np.zeros(len(summary), dtype=bool)
@@ -168,7 +176,7 @@ def _cells(line) -> list[str]:
         str(int(line.n)),
         fmt_mean_std(line.mean, line.std, int(line.n)),
         fmt_delta(line.delta),
-        fmt_p(line.p_welch),
+        fmt_p(line.p_holm),
         fmt_paper(line.paper, line.paper_std),
         str(int(line.failed)),
     ]
@@ -182,7 +190,7 @@ def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None
     """A GitHub pipe table, columns padded to equal width so it also reads well in a terminal; `notes` are
     listed under it."""
     header = ["row", "n", f"{metric} (mean ± std)", f"Δ vs {_reference_name(summary)}",
-              "p (Welch)", "paper", "failed"]
+              P_HEADER, "paper", "failed"]
     body = [[_row_label(line)] + _cells(line) for line in summary.itertuples(index=False)]
     header = [_escape_markdown(h) for h in header]
     body = [[_escape_markdown(c) for c in cells] for cells in body]
@@ -210,9 +218,19 @@ def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None
     if "rl_inert" in summary and summary["rl_inert"].any():
         out += ["", f"{INERT_MARK} RL term inert: rl/clipfrac >= {INERT_CLIPFRAC} over the last half of the epochs "
                     "(L_Policy's gradient mostly off)"]
+    if len(summary) > 1:
+        out += ["", _escape_markdown(stats_footnote(summary))]
     if notes:
         out += [""] + [f"- {_escape_markdown(n)}" for n in notes]
     return "\n".join(out) + "\n"
+
+
+def stats_footnote(summary: pd.DataFrame) -> str:
+    """Which test and correction the p column is, and where the other statistics are."""
+    tested = int(summary["p_welch"].notna().sum())
+    return (f"{P_HEADER}: two-sided Welch t-test of each row vs {_reference_name(summary)}, Holm-adjusted over the "
+            f"{tested} row{'' if tested == 1 else 's'} tested. 95% bootstrap CIs of each mean and Δ, P(improvement) "
+            "and seeds needed: table.csv / table.json / report.html")
 
 
 def _escape_markdown(text: str) -> str:
@@ -251,7 +269,7 @@ def _latex_cell(text: str) -> str:
 def render_latex(summary: pd.DataFrame, metric: str, caption: str | None = None) -> str:
     """A booktabs tabular (wrapped in a table float when a caption is given); best mean in bold."""
     header = ["Row", "$n$", f"{latex_escape(metric)} (mean $\\pm$ std)",
-              f"$\\Delta$ vs {latex_escape(_reference_name(summary))}", "$p$ (Welch)", "Paper", "Failed"]
+              f"$\\Delta$ vs {latex_escape(_reference_name(summary))}", "$p$ (Welch, Holm)", "Paper", "Failed"]
     out = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
            " & ".join(header) + r" \\", r"\midrule"]
     for line in summary.itertuples(index=False):

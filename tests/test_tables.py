@@ -173,12 +173,16 @@ def test_markdown_lists_rows_in_order_with_formatted_numbers(summary):
     positions = [md.index(f"| {name}") for name in summary["row"]]
     assert positions == sorted(positions)
     for text in ["68.00 ± 1.58", "78.00 ± 1.58", "+10.00", "+2.00", "<0.001", "67.8", "77.1",
-                 "Δ vs FCN", f"{METRIC} (mean ± std)", "p (Welch)", "Table 5a",
-                 "3 cells reused from earlier runs"]:
+                 "Δ vs FCN", f"{METRIC} (mean ± std)", "p (Welch, Holm)", "Table 5a",
+                 "3 cells reused from earlier runs", "Holm-adjusted over the 2 rows tested"]:
         assert text in md, text
     assert re.search(r"\| +70\.00 \|", md)  # one seed: the mean alone, no ± std
+    # two rows have a Welch p (r_IoU only, noisy): noisy's is the larger, so Holm multiplies it by 1, after the
+    # running maximum with r_IoU's doubled p (far smaller), i.e. it stays as it is; r_IoU's doubles
     noisy_p = welch_by_formula(CELLS["noisy"], CELLS["FCN"])
     assert f"{noisy_p:.3g}" in md  # 3 significant digits
+    riou_p = welch_by_formula([76.0, 77.0, 78.0, 79.0, 80.0], CELLS["FCN"])
+    assert 2 * riou_p < noisy_p
     all_failed = next(line for line in md.splitlines() if line.startswith("| all failed"))
     cells = [c.strip() for c in all_failed.strip("|").split("|")]
     assert cells == ["all failed", "0", "—", "—", "—", "75.0", "5"]
@@ -191,7 +195,7 @@ def test_markdown_is_a_padded_pipe_table(summary):
     assert all(l.count("|") == 8 for l in lines)
     assert re.fullmatch(r"\|( :?-{3,}:? \|)+", lines[1])
     assert [c.strip() for c in lines[0].strip("|").split("|")] == [
-        "row", "n", f"{METRIC} (mean ± std)", "Δ vs FCN", "p (Welch)", "paper", "failed"]
+        "row", "n", f"{METRIC} (mean ± std)", "Δ vs FCN", "p (Welch, Holm)", "paper", "failed"]
 
 
 def test_markdown_escapes_pipes_in_row_names():
