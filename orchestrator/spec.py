@@ -6,30 +6,19 @@ key path and what was expected; nothing runs and nothing is written before all r
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainers.config import Config, flatten
-from trainers.overrides import OverrideError, apply_overrides, load_yaml, parse_assignments
-from trainers.registry import METHODS, load_all
-
-
-class SpecError(Exception):
-    """A bad spec, preset or override. str() is the one line shown to the user: characters that would break the
-    line or hide in it (newlines, NUL, bidi overrides) are shown escaped, as in a Python string (\\n, \\x00, \\u202e)."""
-
-    def __init__(self, message: str):
-        super().__init__(one_line(message))
-
-
-def one_line(text: str) -> str:
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+from trainers.config import flatten
+from trainers.overrides import OverrideError, apply_overrides, parse_assignments
+# re-exported: the rest of rlseg imports these from orchestrator.spec
+from orchestrator.space import DISTRIBUTIONS, SPACE_KEYS, SearchParam, find_space, load_space  # noqa: F401
+from orchestrator.validation import (SpecError, _apply_and_validate, describe, one_line,  # noqa: F401
+                                     read_yaml)
 
 
 # Seeds and counts reach torch, numpy and Parquet as 64-bit integers; the TPE sampler's seed is numpy's (32 bits).
@@ -130,34 +119,6 @@ class SearchSpec(_SpecBase):
         return {"kind": v} if isinstance(v, str) else v   # `scheduler: asha` / `scheduler: none`
 
 
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-
-
-@dataclass
-class SearchParam:
-    """One dimension of a search space: a config path and its distribution."""
-    key: str                        # dotted config path, e.g. method.policy.ema_eta
-    kind: str                       # uniform | loguniform | int | choice
-    low: float | None = None
-    high: float | None = None
-    step: int | None = None         # int only
-    choices: list[Any] | None = None
-
-    def probe_values(self) -> list[Any]:
-        """Values that must all be valid for the key: both bounds (and the midpoint) or every choice."""
-        if self.kind == "choice":
-            return list(self.choices)
-        if self.kind == "int":
-            return [int(self.low), int(self.high)]
-        return [self.low, (self.low + self.high) / 2, self.high]
-
-    def describe(self) -> str:
-        if self.kind == "choice":
-            return f"choice {self.choices}"
-        step = f" step {self.step}" if self.step and self.step != 1 else ""
-        return f"{self.kind} [{self.low:g}, {self.high:g}]{step}"
-
-
 # command-line keys that change the spec itself (seeds=[0,1], metric.name=val/pixel_acc); the rest are config keys
 SPEC_KEYS = ("title", "paper", "metric", "seeds", "base")
 SEARCH_SPEC_KEYS = ("title", "paper", "metric", "base", "search", "num_samples", "trial_seed", "sampler", "scheduler",
@@ -229,24 +190,6 @@ class Plan:
                         for p in self.pending],
         }
 
-
-def read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: cannot be read ({e.__class__.__name__}: {e})") from None
-    try:
-        return load_yaml(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SpecError(f"{path}: not valid YAML: {where}{e.problem or type(e).__name__}") from None
-    except yaml.reader.ReaderError as e:     # a character YAML does not allow (NUL, most control characters)
-        raise SpecError(f"{path}: not valid YAML: character {e.position + 1}: {str(e).splitlines()[0]}") from None
-    except yaml.YAMLError as e:              # load_yaml's checks of the whole tree: 'key.path: nested more than ...'
-        raise SpecError(f"{path}: {e}") from None
 
 
 def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Spec | SearchSpec:
@@ -390,7 +333,7 @@ def config_with(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any
 
 def _search_plan(spec: SearchSpec, path: Path, profile: str | None, overrides: list[str],
                  base: dict[str, Any]) -> SearchPlan:
-    space_path = _find_space(spec.search, path)
+    space_path = find_space(spec.search, path)
     search_config = {**copy.deepcopy(base), "seed": spec.trial_seed}
     if spec.metric.name.startswith("val/"):   # the searcher and ASHA read the metric at every epoch
         search_config["schedule"]["eval_every"] = 1
@@ -399,177 +342,3 @@ def _search_plan(spec: SearchSpec, path: Path, profile: str | None, overrides: l
                       overrides=overrides, base_config=base, search_config=search_config)
 
 
-def _find_space(name: str, spec_path: Path) -> Path:
-    """A space path as written, relative to the spec's folder, to its parent (the repo) or to the CWD."""
-    p = Path(name)
-    candidates = [p] if p.is_absolute() else [spec_path.parent / p, spec_path.parent.parent / p, Path.cwd() / p]
-    for c in candidates:
-        try:
-            if c.is_file():
-                return c
-        except OSError:          # e.g. a name too long for the file system: no such file either
-            continue
-    raise SpecError(f"{spec_path}: search: no search space file {name!r} (looked in "
-                    f"{', '.join(str(c.parent) for c in candidates)})")
-
-
-SPACE_KEYS = ("name", "description", "method", "params")
-
-
-def load_space(path: Path, base: dict[str, Any]) -> list[SearchParam]:
-    """A search space file: {params: {config.path: {uniform|loguniform|int|choice: ...}}}, checked against `base`:
-    every key must be a config path of it and every bound or choice must validate there."""
-    raw = read_yaml(path)
-    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict) or not raw["params"]:
-        raise SpecError(f"{path}: expected a mapping with a non-empty `params:` (config path -> distribution)")
-    extra = sorted(set(raw) - set(SPACE_KEYS), key=str)
-    if extra:
-        raise SpecError(f"{path}: {extra[0]}: unknown key (expected one of: {', '.join(SPACE_KEYS)})")
-    for key in raw["params"]:
-        if not isinstance(key, str) or not all(key.split(".")):
-            raise SpecError(f"{path}: params: {key!r}: expected a config path (a dotted key, e.g. "
-                            f"method.policy.ema_eta)")
-    method = base["method"]["name"]
-    if raw.get("method") is not None and raw["method"] != method:
-        raise SpecError(f"{path}: method: this space is for {raw['method']!r}, but the spec's base config trains "
-                        f"{method!r}")
-    params = [_parse_distribution(path, key, dist) for key, dist in raw["params"].items()]
-    keys = [p.key for p in params]
-    for a in keys:
-        for b in keys:
-            if b.startswith(a + "."):
-                raise SpecError(f"{path}: params.{b}: overlaps params.{a} (give one or the other)")
-    for p in params:
-        for value in p.probe_values():
-            try:
-                _apply_and_validate(base, [(p.key, value)], "")
-            except SpecError as e:
-                raise SpecError(f"{path}: params.{p.key}: {p.describe()}: {value!r} is not a valid value here "
-                                f"({str(e).removeprefix(': ')})") from None
-    return params
-
-
-def _number(v: Any) -> bool:
-    """A finite float, or an int that fits in 64 bits (a larger one overflows the float maths of the bounds)."""
-    if isinstance(v, bool):
-        return False
-    return (isinstance(v, float) and math.isfinite(v)) or (isinstance(v, int) and -2**63 <= v < 2**63)
-
-
-def _parse_distribution(path: Path, key: str, dist: Any) -> SearchParam:
-    where = f"{path}: params.{key}"
-    if not isinstance(dist, dict) or not (set(dist) & set(DISTRIBUTIONS)) or len(set(dist) & set(DISTRIBUTIONS)) > 1:
-        raise SpecError(f"{where}: expected one of {{uniform: [a, b]}}, {{loguniform: [a, b]}}, {{int: [a, b]}}, "
-                        f"{{choice: [...]}}; got {dist!r}")
-    kind = next(k for k in DISTRIBUTIONS if k in dist)
-    extra = sorted(set(dist) - {kind} - ({"step"} if kind == "int" else set()), key=str)
-    if extra:
-        raise SpecError(f"{where}: {extra[0]}: unknown key (a {kind} distribution takes "
-                        f"{'[a, b] and an optional step' if kind == 'int' else 'only its values'})")
-    arg = dist[kind]
-    if kind == "choice":
-        if not isinstance(arg, list) or not arg:
-            raise SpecError(f"{where}: choice: expected a non-empty list of values; got {arg!r}")
-        if not all(v is None or isinstance(v, (bool, int, float, str)) for v in arg):
-            raise SpecError(f"{where}: choice: expected scalar values (numbers, strings, booleans, null); got {arg!r}")
-        if len({repr(v) for v in arg}) != len(arg):
-            raise SpecError(f"{where}: choice: values must be distinct; got {arg!r}")
-        return SearchParam(key=key, kind=kind, choices=list(arg))
-    if not isinstance(arg, list) or len(arg) != 2 or not all(_number(v) for v in arg):
-        raise SpecError(f"{where}: {kind}: expected [low, high], two finite numbers (whole ones within 64 bits); got {arg!r}")
-    low, high = arg
-    if not low < high:
-        raise SpecError(f"{where}: {kind}: expected low < high; got [{low}, {high}]")
-    if kind == "loguniform" and low <= 0:
-        raise SpecError(f"{where}: loguniform: expected 0 < low < high; got [{low}, {high}]")
-    step = None
-    if kind == "int":
-        if not all(isinstance(v, int) for v in arg):
-            raise SpecError(f"{where}: int: expected two whole numbers; got {arg!r}")
-        step = dist.get("step", 1)
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1 or (high - low) % step:
-            raise SpecError(f"{where}: step: expected a whole number >= 1 that divides high - low; got {step!r}")
-    return SearchParam(key=key, kind=kind, low=low, high=high, step=step)
-
-
-def _apply_and_validate(tree: dict, assignments, where: str) -> dict[str, Any]:
-    """Apply overrides to a copy of `tree`, validate it as a Config, return the full dumped config."""
-    tree = copy.deepcopy(tree)
-    try:
-        apply_overrides(tree, assignments)
-    except OverrideError as e:
-        raise SpecError(f"{where}: {e}") from None
-    try:
-        config = Config.model_validate(tree).model_dump(mode="json")
-    except ValidationError as e:
-        raise SpecError(f"{where}: {describe(e, Config, tree)}") from None
-    problem = _number_problem(config)
-    if problem:
-        raise SpecError(f"{where}: {problem}")
-    return config
-
-
-def _number_problem(tree: Any, where: str = "") -> str | None:
-    """'key.path: expected ...' for the first number a trial cannot use: NaN or infinite (a loss, a learning rate
-    or a weight of inf trains to NaN), or an integer beyond 64 bits (torch, numpy and Parquet overflow)."""
-    if isinstance(tree, dict):
-        items = [(f"{where}.{k}" if where else str(k), v) for k, v in tree.items()]
-    elif isinstance(tree, list):
-        items = [(f"{where}[{i}]", v) for i, v in enumerate(tree)]
-    elif isinstance(tree, float) and not math.isfinite(tree):
-        return f"{where}: expected a finite number, got {tree}"
-    elif isinstance(tree, int) and not isinstance(tree, bool) and not -2**63 <= tree < 2**63:
-        return f"{where}: expected a whole number within 64 bits (-2**63 <= n < 2**63), got {tree}"
-    else:
-        return None
-    return next((p for p in (_number_problem(v, k) for k, v in items) if p), None)
-
-
-def describe(err: ValidationError, model: type[BaseModel], tree: dict | None = None) -> str:
-    """The first error as 'key.path: what was expected' (+ how many more)."""
-    errors = err.errors(include_url=False)
-    first = errors[0]
-    loc = list(first["loc"])
-    msg = first["msg"]
-    if loc[-2:-1] and loc[-1] == "[key]":     # pydantic's location of a bad mapping key: (..., key, "[key]")
-        msg = f"key {loc[-2]!r}: {msg}"
-        loc = loc[:-2]
-    if first["type"] == "extra_forbidden":
-        known = _known_keys(model, loc[:-1], tree)
-        msg = "unknown key" + (f" (expected one of: {', '.join(known)})" if known else "")
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    elif "input" in first and first["type"] not in ("value_error",) and not isinstance(first["input"], (dict, list)):
-        msg = f"{msg}, got {first['input']!r}"
-    msg = msg.removeprefix("Value error, ")
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{_dotted(loc)}: {msg}{more}" if loc else f"{msg}{more}"
-
-
-def _dotted(loc: list) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _known_keys(model: type[BaseModel], loc: list, tree: dict | None) -> list[str]:
-    node: Any = model
-    sub = tree
-    for part in loc:
-        if isinstance(part, int) or not (isinstance(node, type) and issubclass(node, BaseModel)):
-            return []
-        if node is Config and part == "method":
-            load_all()
-            method = sub.get("method") if isinstance(sub, dict) else None
-            name = method.get("name", "supervised") if isinstance(method, dict) else method or "supervised"
-            node = METHODS.get(name).config if isinstance(name, str) and name in METHODS else None
-        else:
-            field_info = node.model_fields.get(part)
-            node = getattr(field_info, "annotation", None)
-            if node is not None and not isinstance(node, type):   # Optional[...] etc.
-                node = next((a for a in getattr(node, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        sub = sub.get(part) if isinstance(sub, dict) else None
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        return sorted(node.model_fields)
-    return []
