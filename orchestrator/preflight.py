@@ -18,7 +18,7 @@ from orchestrator.spec import Plan, SearchPlan, SpecError
 
 # Datasets generated in memory from (seed, index): their length is their configured size (data.train_size), and
 # building one renders every image, so only a one-image copy is built (for its class names).
-GENERATED = ("synthetic_surgical",)
+GENERATED = ("synthetic_surgical", "synthetic_cod", "synthetic_sod")
 # Resource names as Ray counts them, from resources.* of a config.
 CPU, GPU = "CPU", "GPU"
 
@@ -215,15 +215,31 @@ def check_batch(where: str, config: dict[str, Any], n_train: int | None) -> None
                         f"({share} images per rank / schedule.batch_size {bs})")
 
 
-def reported_val_metrics(classes: list[str]) -> list[str]:
-    """What trainers.evaluation reports at each evaluation."""
+def reported_val_metrics(classes: list[str], method: str | None = None) -> list[str]:
+    """What trainers.evaluation reports at each evaluation: the method's own metrics where it names them
+    (SegMethod.VAL_METRICS), else the segmentation ones for these classes."""
+    if method is not None:
+        from trainers.registry import METHODS
+
+        own = METHODS.get(method).build.VAL_METRICS
+        if own is not None:
+            return list(own)
     return ["val/mIoU", "val/pixel_acc"] + [f"val/IoU/{c}" for c in classes]
 
 
-def check_metric(where: str, metric: str, class_names, data_name: str) -> None:
-    """A val/ metric must be one evaluation reports for this dataset. (train/ metrics are the method's step outputs,
-    which no method declares ahead of training, so they are not checked here.)"""
-    if not metric.startswith("val/") or metric in reported_val_metrics([]):
+def check_metric(where: str, metric: str, class_names, data_name: str, method: str | None = None) -> None:
+    """A val/ metric must be one evaluation reports for this dataset and method. (train/ metrics are the method's
+    step outputs, which no method declares ahead of training, so they are not checked here.)"""
+    if not metric.startswith("val/"):
+        return
+    from trainers.registry import METHODS
+
+    if method is not None and METHODS.get(method).build.VAL_METRICS is not None:
+        if metric not in reported_val_metrics([], method):
+            raise SpecError(f"{where}: metric.name: no trial reports {metric!r} (method {method} reports "
+                            f"{', '.join(reported_val_metrics([], method))})")
+        return
+    if metric in reported_val_metrics([]):
         return
     classes = class_names()
     if metric not in reported_val_metrics(classes):
@@ -289,7 +305,7 @@ def check_plan(plan: Plan | SearchPlan, *, results_root: Path, address: str | No
             raise SpecError(f"{where}: {e}") from None
         check_pretrained(where, config)
         check_batch(where, config, n_train)
-        check_metric(f"{plan.path}", metric, class_names, config["data"]["name"])
+        check_metric(f"{plan.path}", metric, class_names, config["data"]["name"], config["method"]["name"])
     if isinstance(plan, SearchPlan):
         check_scheduler(plan)
     if not address:

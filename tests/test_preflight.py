@@ -114,6 +114,15 @@ def test_weights_file_metric_and_tracking_store(tmp_path, monkeypatch):
     assert line.startswith("rlseg-sweep: MLFLOW_TRACKING_URI (environment): 'nosuchstore://x': "), line
 
 
+def test_a_method_with_its_own_validation_metrics_is_checked_against_them(tmp_path):
+    """seg_r1 reports COD metrics (SegMethod.VAL_METRICS): its spec's val/S_measure passes, a name it does not
+    report is one line listing what it does."""
+    seg_r1 = str(REPO / "ablations/seg_r1.yaml")
+    assert sweep(seg_r1, "--dry-run")[0] == 0
+    line = one_line_both_ways(tmp_path, seg_r1, "metric.name=val/pixel_acc")
+    assert "metric.name: no trial reports 'val/pixel_acc' (method seg_r1 reports val/S_measure" in line, line
+
+
 def test_fits_places_bundles_on_nodes():
     assert fits([({"CPU": 1.0}, 2)], [{"CPU": 2.0}]) and not fits([({"CPU": 1.0}, 3)], [{"CPU": 2.0}])
     assert fits([({"CPU": 1.0}, 2)], [{"CPU": 1.0}, {"CPU": 1.0}])          # spread over two nodes

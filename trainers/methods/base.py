@@ -12,6 +12,10 @@ from trainers.models import build_segmentor
 
 
 class SegMethod(nn.Module):
+    # what evaluation reports for a method: None = the segmentation metrics (val/mIoU, val/pixel_acc, val/IoU/<class>,
+    # trainers.evaluation); a method with its own evaluate_own names its metrics here (the plan check reads them)
+    VAL_METRICS: tuple[str, ...] | None = None
+
     def __init__(self, cfg, num_classes: int, ignore_index: int, decoder_in_channels: Callable[[int], int] | None = None):
         super().__init__()
         self.cfg = cfg.method

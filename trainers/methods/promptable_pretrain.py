@@ -117,6 +117,7 @@ class ForegroundMethod(SegMethod):
     """Base of the promptable methods: no encoder-decoder Segmentor (SegMethod builds one from cfg.model; here the
     promptable segmenter takes its place), the COD metrics as validation (evaluate_own, called by
     trainers.evaluation.evaluate)."""
+    VAL_METRICS = ("val/S_measure", "val/wF", "val/E_measure", "val/MAE", "val/IoU", "val/mIoU")
 
     def __init__(self, cfg, num_classes: int, ignore_index: int):
         nn.Module.__init__(self)

@@ -87,6 +87,8 @@ def repeat_embedding(emb, n: int):
 
 @register_method("seg_r1", SegR1Config)
 class SegR1(ForegroundMethod):
+    VAL_METRICS = ForegroundMethod.VAL_METRICS + ("val/format_valid",)   # + the share of valid prompts
+
     def __init__(self, cfg, num_classes: int, ignore_index: int):
         super().__init__(cfg, num_classes, ignore_index)
         m = cfg.method
