@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.config import flatten
 from trainers.overrides import OverrideError, apply_overrides, parse_assignments
@@ -81,6 +81,12 @@ class Spec(_SpecBase):
         return v
 
 
+class ObjectiveSpec(_Strict):
+    """One objective of a multi-objective search: a metric every epoch reports, and its direction."""
+    name: str = Field(pattern=r"^(val|train|time)/\S+$")
+    mode: Literal["max", "min"]
+
+
 class SamplerSpec(_Strict):
     """Optuna's TPE sampler, seeded: the same spec proposes the same configs (up to trial completion order)."""
     kind: Literal["tpe"] = "tpe"
@@ -112,17 +118,45 @@ class SearchSpec(_SpecBase):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
+    # two or more: a multi-objective study (Optuna's TPE on several objectives); the Pareto configs are confirmed.
+    # `metric` (default: the first objective) is the confirm table's.
+    objectives: list[ObjectiveSpec] | None = Field(None, min_length=2)
 
     @field_validator("scheduler", mode="before")
     @classmethod
     def _scheduler_shorthand(cls, v: Any) -> Any:
         return {"kind": v} if isinstance(v, str) else v   # `scheduler: asha` / `scheduler: none`
 
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objective_shorthand(cls, v: Any) -> Any:       # `objectives: [val/mIoU max, time/epoch_s min]`
+        if not isinstance(v, list):
+            return v
+        return [dict(zip(("name", "mode"), o.split(maxsplit=1))) if isinstance(o, str) else o for o in v]
+
+    @model_validator(mode="after")
+    def _objectives_fit(self):
+        if self.objectives is None:
+            return self
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError("objectives: names must be distinct")
+        if "metric" not in self.model_fields_set:
+            self.metric = MetricSpec(name=names[0], mode=self.objectives[0].mode)
+        elif self.metric.name not in names:
+            raise ValueError(f"metric: {self.metric.name} is not one of the objectives ({', '.join(names)})")
+        if "scheduler" not in self.model_fields_set:
+            self.scheduler = SchedulerSpec(kind="none")
+        elif self.scheduler.kind != "none":
+            raise ValueError("scheduler: ASHA stops trials on one metric, which would prune the cheap end of a "
+                             "multi-objective front; expected scheduler: none with objectives")
+        return self
+
 
 # command-line keys that change the spec itself (seeds=[0,1], metric.name=val/pixel_acc); the rest are config keys
 SPEC_KEYS = ("title", "paper", "metric", "seeds", "base")
 SEARCH_SPEC_KEYS = ("title", "paper", "metric", "base", "search", "num_samples", "trial_seed", "sampler", "scheduler",
-                    "confirm")
+                    "confirm", "objectives")
 
 
 @dataclass
