@@ -5,56 +5,49 @@ One command, one run folder, one MLflow parent run (nested runs tagged phase=sea
     results/<spec>/<run>/optuna.db                        the Optuna study (optuna.load_study, optuna-dashboard)
     results/<spec>/<run>/search/trials.parquet, epochs.parquet   every search trial; its values as param/<key>
     results/<spec>/<run>/trials.parquet, epochs.parquet, table.*, plots/   the confirm phase (as any ablation)
-    results/<spec>/<run>/plots/optuna_history.png, optuna_importances.png
+    results/<spec>/<run>/importances.json                  fANOVA parameter importances per objective
+    results/<spec>/<run>/plots/optuna_history.png, optuna_importances.png, optuna_slice.png, optuna_contour.png
+                                                             (+ optuna_pareto.png for a multi-objective search)
+The space is define-by-run (orchestrator/study.py): a trial samples a parameter only when its `when:` holds.
+With `objectives:` the study is multi-objective and the Pareto configs are confirmed. ASHA waits for each trial's RL
+phase (orchestrator/rungs.py).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import SearchParam, SearchPlan, SpecError, config_with
+from orchestrator.spec import SearchPlan, SpecError, config_with
+from orchestrator.study import SAMPLED, STUDY_DB, SpaceSampler, optuna_distributions, study_uri  # noqa: F401
 from orchestrator import results
 from orchestrator.preflight import plan_cells
 from orchestrator.recorder import FAILED, OK, Cell, SweepRecorder
 from orchestrator.sweep import Outcome, Session, end_parent, fitting_trials, run_state, session
 from orchestrator.trial import run_trial
 
-STUDY_DB = "optuna.db"
 RESERVED = ("trial", "storage_path")     # Tune config keys that are not sampled values
 
 
-def study_uri(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / STUDY_DB).resolve()}"
-
-
-def optuna_distributions(params: list[SearchParam]) -> dict[str, Any]:
-    """The space as Optuna distributions, named by their config paths (so the study reads like the space file)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    out = {}
-    for p in params:
-        if p.kind == "choice":
-            out[p.key] = CategoricalDistribution(p.choices)
-        elif p.kind == "int":
-            out[p.key] = IntDistribution(int(p.low), int(p.high), step=p.step or 1)
-        else:
-            out[p.key] = FloatDistribution(float(p.low), float(p.high), log=p.kind == "loguniform")
-    return out
-
-
 def sampled_values(tune_config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in tune_config.items() if k not in RESERVED}
+    """{config path: value} of a search trial: the parameters its conditions let it use."""
+    if SAMPLED in tune_config:
+        return dict(tune_config[SAMPLED])
+    return {k: v for k, v in tune_config.items() if k not in RESERVED}   # a run folder from before define-by-run
 
 
 def run_search_trial(tune_config: dict[str, Any]) -> None:
     """Tune trainable of a search trial: the sampled values on the search config, then an ordinary trial."""
     trial = tune_config["trial"]
-    config = config_with(trial["config"], sampled_values(tune_config))   # SpecError: the trial fails, with why
+    config = search_trial_config(tune_config)   # SpecError: the trial fails, with why
     run_trial({"trial": {**trial, "config": config}, "storage_path": tune_config["storage_path"]})
+
+
+def search_trial_config(tune_config: dict[str, Any]) -> dict[str, Any]:
+    """The full config of a search trial: its sampled values on the search config (SpecError if they do not fit)."""
+    return config_with(tune_config["trial"]["config"], sampled_values(tune_config))
 
 
 class SearchCells:
@@ -82,37 +75,28 @@ def rank(records: list[dict[str, Any]], metric: str, mode: str, epochs: int) -> 
     return sorted(ok, key=lambda r: (r["epochs"] < epochs, sign * r[metric]))
 
 
+def objectives(spec) -> list[tuple[str, str]]:
+    """(metric, mode) of each objective of the study: the spec's objectives, or its metric."""
+    return [(o.name, o.mode) for o in spec.objectives] if spec.objectives else [(spec.metric.name, spec.metric.mode)]
+
+
+def pareto(records: list[dict[str, Any]], goals: list[tuple[str, str]], epochs: int) -> list[dict[str, Any]]:
+    """The Pareto front of the search trials on every objective (among those that ran every epoch, if any did: an
+    early value is not comparable with a final one), ordered by the first objective, best first."""
+    ok = [r for r in records if r["status"] == OK
+          and all(isinstance(r.get(m), float) and math.isfinite(r[m]) for m, _ in goals)]
+    pool = [r for r in ok if r["epochs"] >= epochs] or ok
+    cost = {id(r): [(-1.0 if mode == "max" else 1.0) * r[m] for m, mode in goals] for r in pool}   # all minimised
+
+    def dominated(r) -> bool:
+        a = cost[id(r)]
+        return any(all(x <= y for x, y in zip(cost[id(o)], a)) and cost[id(o)] != a for o in pool)
+
+    return sorted((r for r in pool if not dominated(r)), key=lambda r: cost[id(r)])
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _save_optuna_plots(run_dir: Path, study_name: str) -> tuple[list[Path], list[str]]:
-    """Optuna's own matplotlib plots of the study: optimisation history and parameter importances."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization import matplotlib as ovm
-
-    from orchestrator.tables import save_figure
-
-    study = optuna.load_study(study_name=study_name, storage=study_uri(run_dir))
-    made, problems = [], []
-    for name, plot in (("optuna_history", ovm.plot_optimization_history), ("optuna_importances",
-                                                                           ovm.plot_param_importances)):
-        path = run_dir / "plots" / f"{name}.png"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")          # ExperimentalWarning of the matplotlib backend
-                ax = plot(study)
-            save_figure(ax.figure, path)
-            made.append(path)
-        except Exception as e:   # e.g. importances need >= 2 complete trials with varying values
-            problems.append(f"{name}: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        finally:
-            plt.close("all")
-    return made, problems
 
 
 def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = None,
@@ -139,9 +123,12 @@ def run_search(plan: SearchPlan, *, results_root: Path, address: str | None = No
                            failed=[], tracking_uri=s.tracker.uri, parent_run_id=s.parent_run_id,
                            trials=spec.num_samples, interrupted=True, stalled=s.stalled)
         if search is not None:
-            ranked = rank(search.ended(), spec.metric.name, spec.metric.mode, plan.epochs)
-            notes = _log_search(s, plan, search.ended(), ranked)
-            picks = [[f"top-{i + 1}: {r['row']}", json.loads(r["params_json"])]
+            if spec.objectives:
+                ranked, label = pareto(search.ended(), objectives(spec), plan.epochs), "pareto"
+            else:
+                ranked, label = rank(search.ended(), spec.metric.name, spec.metric.mode, plan.epochs), "top"
+            notes = _log_search(s, plan, search.ended(), ranked, label)
+            picks = [[f"{label}-{i + 1}: {r['row']}", json.loads(r["params_json"])]
                      for i, r in enumerate(ranked[:spec.confirm.top_k])]
             search_failed = [r for r in search.ended() if r["status"] != OK]
             state = results.update_state(s.run_dir, phase="confirm", picks=picks, notes=notes,
@@ -172,16 +159,17 @@ def _rejected(where: str, e: Exception) -> SpecError:
 
 
 def make_scheduler(plan: SearchPlan):
-    """ASHA over epochs (max_t = the epochs of a search trial), or None for `scheduler: none`."""
-    from ray.tune.schedulers import ASHAScheduler
+    """ASHA over epochs (max_t = the epochs of a search trial) that judges a trial only once its RL term has been on
+    for the grace period (orchestrator/rungs.py), or None for `scheduler: none`."""
+    from orchestrator.rungs import MethodAwareASHA
 
     spec, sched = plan.spec, plan.spec.scheduler
     if sched.kind != "asha":
         return None
     try:
-        return ASHAScheduler(time_attr="training_iteration", metric=spec.metric.name, mode=spec.metric.mode,
-                             max_t=plan.epochs, grace_period=sched.grace_period,
-                             reduction_factor=sched.reduction_factor)
+        return MethodAwareASHA(config_of=search_trial_config, time_attr="training_iteration", metric=spec.metric.name,
+                               mode=spec.metric.mode, max_t=plan.epochs, grace_period=sched.grace_period,
+                               reduction_factor=sched.reduction_factor)
     except (AssertionError, ValueError, TypeError) as e:      # Ray asserts its settings (grace_period <= max_t)
         raise _rejected(f"{plan.path}: scheduler (grace_period {sched.grace_period}, reduction_factor "
                         f"{sched.reduction_factor:g}, max_t = schedule.epochs {plan.epochs})", e) from None
@@ -201,9 +189,12 @@ def make_searcher(plan: SearchPlan, storage=None):
     """Tune's OptunaSearch over the space (a study in `storage`, or in memory for the plan check)."""
     from ray.tune.search.optuna import OptunaSearch
 
-    spec = plan.spec
+    from trainers.config import flatten
+
+    spec, goals = plan.spec, objectives(plan.spec)
+    metric, mode = ([m for m, _ in goals], [d for _, d in goals]) if spec.objectives else goals[0]
     try:
-        return OptunaSearch(space=optuna_distributions(plan.params), metric=spec.metric.name, mode=spec.metric.mode,
+        return OptunaSearch(space=SpaceSampler(plan.params, flatten(plan.search_config)), metric=metric, mode=mode,
                             study_name=spec.name, sampler=make_sampler(plan), storage=storage)
     except (AssertionError, ValueError, TypeError) as e:
         raise _rejected(f"{plan.path}: search ({plan.space_path})", e) from None
@@ -236,18 +227,31 @@ def _search_phase(s: Session, plan: SearchPlan, max_concurrent: int | None) -> S
     return recorder
 
 
-def _log_search(s: Session, plan: SearchPlan, records: list[dict[str, Any]], ranked: list[dict[str, Any]]) -> list[str]:
-    """Best params, the search counts and Optuna's plots on the parent run; returns the table's notes."""
+def _log_search(s: Session, plan: SearchPlan, records: list[dict[str, Any]], ranked: list[dict[str, Any]],
+                label: str) -> list[str]:
+    """Best params, the search counts, each search run's used parameters, Optuna's parameter importances and plots
+    on the parent run and in the run folder; returns the table's notes."""
+    from orchestrator import study as studies
+
     spec, metric = plan.spec, plan.spec.metric.name
+    goals = [m for m, _ in objectives(spec)]
     early = sum(bool(r.get("stopped_early")) for r in records)
     failed = sum(r["status"] == FAILED for r in records)
     notes = [f"search: {len(records)} trials ({early} stopped early by {spec.scheduler.kind.upper()}, {failed} failed); "
              f"Optuna study {spec.name!r} in {STUDY_DB}"]
+    if spec.objectives:
+        notes.append(f"Pareto front on {', '.join(f'{m} {d}' for m, d in objectives(spec))}: {len(ranked)} configs"
+                     + (f", the first {spec.confirm.top_k} by {goals[0]} confirmed" if len(ranked) > spec.confirm.top_k
+                        else ", all confirmed"))
     for i, r in enumerate(ranked[:spec.confirm.top_k]):
         values = json.loads(r["params_json"])
-        notes.append(f"top-{i + 1}: {r['row']} ({metric} {r[metric]:.2f} in the search): "
+        scores = ", ".join(f"{m} {r[m]:.4g}" for m in goals)
+        notes.append(f"{label}-{i + 1}: {r['row']} ({scores} in the search): "
                      + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
     client, parent = s.tracker.client, s.parent_run_id
+    for r in records:      # each search run: the parameters it used, and only those
+        if r.get("mlflow_run_id") and r.get("params_json"):
+            s.tracker.log_params(r["mlflow_run_id"], {f"search.{k}": v for k, v in json.loads(r["params_json"]).items()})
     if ranked:
         best = ranked[0]
         s.tracker.log_params(parent, {f"best.{k}": v for k, v in json.loads(best["params_json"]).items()})
@@ -255,9 +259,21 @@ def _log_search(s: Session, plan: SearchPlan, records: list[dict[str, Any]], ran
         client.log_metric(parent, "search/best", float(best[metric]))
     client.log_metric(parent, "search/trials", float(len(records)))
     client.log_metric(parent, "search/stopped_early", float(early))
-    plots, problems = _save_optuna_plots(s.run_dir, spec.name)
+
+    study = studies.load(s.run_dir, spec.name)
+    scores = studies.importances(study, goals)
+    path = studies.save_importances(s.run_dir, scores)
+    client.log_artifact(parent, str(path))
+    for goal, by_param in scores.items():
+        for name, value in by_param.items():
+            client.log_metric(parent, f"importance/{goal}/{name}", value)
+        if by_param:
+            notes.append(f"importance (fANOVA) for {goal}: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in by_param.items()))
+    plots, problems = studies.save_plots(s.run_dir, study, goals, scores)
     for p in plots:
         client.log_artifact(parent, str(p), artifact_path="plots")
     if problems:
         print("optuna plots not made: " + "; ".join(problems), flush=True)
+    notes.append(f"browse the study: optuna-dashboard {studies.study_uri(s.run_dir)}")
     return notes
