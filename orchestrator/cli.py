@@ -226,7 +226,8 @@ def _run_file(run_dir: Path, name: str, read, flag: str = "--resume"):
 
 def table_main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="rlseg-table",
-                                description="Re-render table.md/.csv/.tex and plots of a results folder from its Parquet files.")
+                                description="Re-render table.md/.csv/.tex/.json, plots and report.html of a results folder from its "
+                                            "Parquet files.")
     p.add_argument("run_dir", help="results/<spec>/<run>/")
     p.add_argument("--metric", help="another metric column of trials.parquet (default: the spec's)")
     args = p.parse_args(argv)
@@ -248,7 +249,7 @@ def table_main(argv: list[str] | None = None) -> int:
         meta = {**meta, "metric": args.metric}
     _, md, _, _ = render_tables(run_dir, trials, epochs, meta)
     print(md)
-    print(f"\nwritten: {run_dir / 'table.md'} (.csv, .tex) and {run_dir / 'plots'}/")
+    print(f"\nwritten: {run_dir / 'table.md'} (.csv, .tex, .json), {run_dir / 'plots'}/ and {run_dir / 'report.html'}")
     return EXIT_OK
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import pending, preflight, results, tables, tracking
+from orchestrator import pending, preflight, report, results, tables, tracking
 from orchestrator.localray import API_SERVER_ENV, DRIVER_RESOURCE, _restore_env, start_local_ray  # noqa: F401
 # RECORDERS: Tune experiments pickled before the recorder moved out of this module name it here
 from orchestrator.recorder import FAILED, OK, RECORDERS, Cell, SweepRecorder, as_tune_callback  # noqa: F401
@@ -76,7 +76,8 @@ def _trial_name(trial) -> str:
 
 
 def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[Any, str, list[Path], list[Path]]:
-    """table.md/.csv/.tex and plots/*.png from Parquet data; returns (summary, markdown, files, plots)."""
+    """table.md/.csv/.tex/.json, plots/*.png and report.html from Parquet data; returns (summary, markdown, files,
+    plots), files ending with report.html."""
     metric, rows = meta["metric"], meta["rows"]
     summary = tables.summarize(trials, metric, rows, mode=meta.get("mode", "max"), epochs=epochs)
     for line in tables.inert_warnings(summary):
@@ -92,7 +93,9 @@ def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[
     plots = [run_dir / "plots" / f"curves_{slug}.png", run_dir / "plots" / f"bars_{slug}.png"]
     tables.plot_curves(epochs, metric, rows, plots[0])
     tables.plot_bars(summary, metric, plots[1])
-    return summary, md, files, plots
+    results.write_atomic(run_dir / "table.json", report.table_json(summary))
+    page, own = report.write_report(run_dir, summary, trials, epochs, meta, plots)
+    return summary, md, files + [run_dir / "table.json", page], plots + own
 
 
 @dataclass

@@ -22,10 +22,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+
 from trainers.config import flatten
 
 MLFLOW_BATCH = 100  # params per log_batch call (MLflow's limit)
 CELL_TAG = "rlseg.cell"   # <sweep_id>/<trial_id>: the identity of a trial's run, for rlseg-sync to find it
+# MLflow 3's UI opens an experiment on its GenAI (traces) page unless told it holds training runs. Up to 3.x with the
+# sidebar's GenAI / Model training switch the experiment tag decides ("custom_model_development": the classic runs
+# table and charts); from the switch on (3.17 here) the browser's choice decides, which the URL query
+# `workflowType=machine_learning` sets (and the browser keeps): the links rlseg writes carry it (UI_QUERY).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_QUERY = "workflowType=machine_learning"
+ROW_PARAM = "row"          # on every trial run, so that the UI's "group by" can group the nested runs by ablation row
+# MLflow's UI opens a saved view of the runs table from `?viewStateShareKey=<key>`, stored as the experiment tag
+# mlflow.sharedViewState.<key> (JSON of the table's state: filter, group by, columns); rlseg saves one per sweep
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+ROWS_VIEW_TAG = "rlseg.rows_view"     # on the parent run: the UI path of its trials grouped by row
+ROW_STATS = ("n", "mean", "std", "ci_low", "ci_high", "delta", "delta_ci_low", "delta_ci_high", "p_improve", "p_holm")
 
 # MLflow's HTTP client waits 120 s per request and retries 7 times with backoff 2, 4, 8 ... s (minutes per call
 # while a server is down). A sweep can do without MLflow, so each request gets 5 s and one immediate retry.
@@ -65,14 +78,18 @@ def bound_http_requests() -> None:
 # plain one (calls raise).
 
 def open_experiment(client, uri: str, experiment: str, artifact_root: Path | None) -> str:
-    """The id of experiment `experiment`, created (or restored) if need be."""
+    """The id of experiment `experiment`, created (or restored) if need be, marked as a training experiment."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         # a sqlite store would put artifacts in ./mlruns of whatever folder we run from; pin them
         location = (artifact_root / experiment).resolve().as_uri() if not is_remote(uri) and artifact_root else None
-        return client.create_experiment(experiment, artifact_location=location)
+        experiment_id = client.create_experiment(experiment, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return experiment_id
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):    # an experiment made before rlseg set it; a user's choice stays
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -89,7 +106,10 @@ def create_trial_run(client, experiment_id: str, parent_id: str, run_name: str, 
     run = client.create_run(experiment_id, run_name=run_name, tags=trial_tags(tags, parent_id))
     if run is None:
         return None
-    log_params(client, run.info.run_id, flatten(config))
+    params = flatten(config)
+    if "row" in tags:
+        params[ROW_PARAM] = tags["row"]
+    log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
@@ -112,15 +132,16 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> No
 
 def log_results(client, run_id: str, summary, files: list[Path], plots: list[Path],
                 present: frozenset[str] = frozenset()) -> None:
-    """A sweep's table on its parent run: the files, plots/, table.json (skipping the artifact paths in `present`),
-    the best row as a tag and its mean as `best/mean`."""
+    """A sweep's table on its parent run: the files (report.html among them), plots/, table.json (skipping the
+    artifact paths in `present`), the best row as a tag and its mean as `best/mean`, and every row's statistics as
+    metrics (row_metrics)."""
     for f in files:
         if f.name not in present:
             client.log_artifact(run_id, str(f))
     for p in plots:
         if f"plots/{p.name}" not in present:
             client.log_artifact(run_id, str(p), artifact_path="plots")
-    if "table.json" not in present:
+    if "table.json" not in present and "table.json" not in {f.name for f in files}:
         table = summary.astype({"best": bool}).copy()
         table = table.where(table.notna(), None)   # JSON has no NaN
         client.log_table(run_id, data=table, artifact_file="table.json")
@@ -129,6 +150,26 @@ def log_results(client, run_id: str, summary, files: list[Path], plots: list[Pat
         client.set_tag(run_id, "best_row", str(best.iloc[0]["row"]))
         if not math.isnan(best.iloc[0]["mean"]):
             client.log_metric(run_id, "best/mean", float(best.iloc[0]["mean"]))
+    metrics = row_metrics(summary)
+    if metrics:
+        log_metrics(client, run_id, metrics, step=0)
+
+
+def row_metric_prefix(index: int, row: str) -> str:
+    """`row/<spec index>_<row name with what MLflow refuses in a metric name as _>`: the index keeps spec order in
+    the UI's sorted lists and the name is the same in every run of a spec, so compare lines the rows up."""
+    return f"row/{index:02d}_" + (re.sub(r"[^\w.\-]+", "_", row).strip("_") or "row")
+
+
+def row_metrics(summary) -> dict[str, float]:
+    """Each row's finite statistics (ROW_STATS) as `row/<NN_name>/<stat>` metrics for the parent run."""
+    out = {}
+    for index, rec in enumerate(summary.to_dict("records")):
+        for stat in ROW_STATS:
+            value = rec.get(stat)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[f"{row_metric_prefix(index, str(rec['row']))}/{stat}"] = float(value)
+    return out
 
 
 # --------------------------------------------------------------------------- the sweep's tracker
@@ -244,6 +285,8 @@ class Tracker:
             return None
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
+        if "rows" in params:     # an ablation: its trials grouped by row in the UI, from the start of the sweep
+            self.share_rows_view(params.get("metric"))
         return self.parent_id
 
     def resume_sweep(self, run_id: str | None) -> None:
@@ -279,6 +322,34 @@ class Tracker:
     def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
         if run_id is not None and not self.offline:
             log_params(self.client, run_id, params)
+
+    def share_rows_view(self, metric: str | None) -> None:
+        if self.parent_id is not None and not self.offline:
+            share_rows_view(self.client, self.experiment_id, self.parent_id, metric)
+
+
+def rows_view_state(parent_id: str, metric: str | None) -> dict[str, Any]:
+    """The runs-table state of MLflow's UI that shows one sweep's trials grouped by their row param, each group
+    with its mean of `metric` (the UI's keys: searchFilter, groupBy, selectedColumns ...)."""
+    return {
+        "searchFilter": f"tags.mlflow.parentRunId = '{parent_id}'",
+        "orderByKey": "attributes.start_time", "orderByAsc": True,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": ROW_PARAM}]},
+        "groupsExpanded": {}, "useGroupedValuesInCharts": True,
+        "selectedColumns": [f"params.`{ROW_PARAM}`", "params.`seed`"] + ([f"metrics.`{metric}`"] if metric else []),
+    }
+
+
+def share_rows_view(client, experiment_id: str, parent_id: str, metric: str | None) -> str:
+    """Save rows_view_state as a shared view of the experiment; returns its UI path (also the parent's ROWS_VIEW_TAG)."""
+    import json
+
+    key = f"rlseg-{parent_id}"
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(rows_view_state(parent_id, metric)))
+    # the runs tab itself: the experiment root redirects there and keeps only a few query keys, not this one
+    path = f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}&{UI_QUERY}"
+    client.set_tag(parent_id, ROWS_VIEW_TAG, path)
+    return path
 
 
 def _reason(error: Exception) -> str:
