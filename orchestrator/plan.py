@@ -89,13 +89,16 @@ def render_search_plan(plan: SearchPlan, max_concurrent: int | None = None) -> s
         f"{spec.name}: {spec.title}" if spec.title else spec.name,
         f"spec: {plan.path}" + (f"   paper: {spec.paper}" if spec.paper else ""),
         f"profile: {plan.profile or 'embedded (default)'}   overrides: {' '.join(plan.overrides) or '(none)'}",
-        f"metric: {spec.metric.name} ({spec.metric.mode})   search space: {plan.space_path} ({len(plan.params)} parameters)",
+        f"metric: {spec.metric.name} ({spec.metric.mode})"
+        + (f"   objectives: {', '.join(f'{o.name} ({o.mode})' for o in spec.objectives)}" if spec.objectives else "")
+        + f"   search space: {plan.space_path} ({len(plan.params)} parameters)",
         f"search: {spec.num_samples} trials, training seed {spec.trial_seed}, sampler {spec.sampler.kind.upper()} "
         f"(seed {spec.sampler.seed}, {spec.sampler.n_startup_trials} random first), scheduler {sched.kind}"
         + (f" (grace period {sched.grace_period} epochs, reduction factor {sched.reduction_factor:g}, "
            f"max {plan.epochs} epochs)" if sched.kind == "asha" else ""),
-        f"confirm: the top {spec.confirm.top_k} configs and the base config x seeds {_seeds(spec.confirm.seeds)} "
-        f"= {n_confirm} trials",
+        f"confirm: the {'Pareto configs (up to ' if spec.objectives else 'top '}{spec.confirm.top_k}"
+        f"{')' if spec.objectives else ' configs'} and the base config x seeds {_seeds(spec.confirm.seeds)} "
+        f"= {'up to ' if spec.objectives else ''}{n_confirm} trials",
         "",
     ]
     lines = _table([("parameter", "distribution", "base value")]
