@@ -73,6 +73,7 @@ def class_iou_matrix(epochs: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
 def plot_seed_curves(epochs: pd.DataFrame, metric: str, rows: list[dict], path: Path) -> None:
     """One panel per row: each seed's curve thin, the mean over seeds bold, min..max over seeds shaded."""
     plt = tables._pyplot()
+    from matplotlib.ticker import MaxNLocator
     n = max(1, len(rows))
     cols = min(3, n)
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.0 * math.ceil(n / cols)),
@@ -98,6 +99,7 @@ def plot_seed_curves(epochs: pd.DataFrame, metric: str, rows: list[dict], path: 
             ax.fill_between(band.index.to_numpy(float), band["min"], band["max"], color=color, alpha=0.18, linewidth=0)
             ax.plot(band.index, band["mean"], color=color, linewidth=2.2, marker="o" if len(band) == 1 else None)
             ax.set_xlabel("epoch", fontsize="small")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0][0].set_ylabel(metric)
         fig.suptitle(f"{metric} per row: each seed (thin), mean (bold), seed range (band)")
         fig.tight_layout()
@@ -131,6 +133,7 @@ def plot_class_iou(matrix: pd.DataFrame, path: Path) -> None:
 def plot_diagnostics(epochs: pd.DataFrame, columns: list[str], rows: list[dict], path: Path) -> None:
     """One panel per diagnostic: its mean over seeds vs epoch, one line per row that has it."""
     plt = tables._pyplot()
+    from matplotlib.ticker import MaxNLocator
     cols = min(3, len(columns))
     nrows = math.ceil(len(columns) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.0 * nrows), squeeze=False)
@@ -150,6 +153,7 @@ def plot_diagnostics(epochs: pd.DataFrame, columns: list[str], rows: list[dict],
                         marker="o" if len(mean) == 1 else None)
             ax.set_title(column, fontsize="small")
             ax.set_xlabel("epoch", fontsize="small")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         for ax in axes.flat[1:]:
@@ -199,6 +203,7 @@ padding:8px;overflow-x:auto}figure{margin:12px 0}figure img{max-width:100%;borde
 figcaption{color:#59636e;font-size:12px}.muted{color:#59636e}.tag{display:inline-block;padding:0 6px;
 border-radius:8px;font-size:12px;margin-right:4px}.t-failed{background:#ffcecb}.t-reused{background:#b6e3ff}
 .t-early{background:#ecd8ff}.t-inert{background:#ffd8b5}nav a{margin-right:12px}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:12px;align-items:start}
 """
 
 
@@ -219,7 +224,7 @@ def _num(value: Any, digits: int = 2) -> str:
 def _interval(low: float, high: float) -> str:
     if not (np.isfinite(low) and np.isfinite(high)):
         return tables.DASH
-    return f"[{low:.2f}, {high:.2f}]"
+    return f"[{tables.fmt_delta(low).lstrip('+')}, {tables.fmt_delta(high).lstrip('+')}]"   # no "-0.00"
 
 
 def _seeds(value: float) -> str:
@@ -398,8 +403,10 @@ def render_html(summary: pd.DataFrame, trials: pd.DataFrame, epochs: pd.DataFram
     inert = tables.inert_warnings(summary)
     if inert or notes:
         parts.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in [*inert, *notes]) + "</ul>")
-    parts.append('<h2 id="figures">Figures</h2>')
-    parts += [_image(p, caption) for p, caption in figures if p.stem.startswith(("bars_", "curves_", "seeds_"))]
+    parts.append('<h2 id="figures">Figures</h2><div class="pair">')
+    parts += [_image(p, caption) for p, caption in figures if p.stem.startswith(("bars_", "curves_"))]
+    parts.append("</div>")
+    parts += [_image(p, caption) for p, caption in figures if p.stem.startswith("seeds_")]
     parts.append('<h2 id="classes">Per-class IoU by row</h2>')
     heat = [f for f in figures if f[0].stem == "class_iou"]
     parts.append(_image(*heat[0]) if heat else '<p class="muted">No val/IoU/&lt;class&gt; columns in epochs.parquet.</p>')
