@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
+from orchestrator import console
 from orchestrator.preflight import CPU, GPU, describe_have, fits, trial_bundles, _n
 
 NOTICE_S = 10.0        # a placement group that cannot be placed is reported after this long
@@ -33,7 +33,7 @@ class PendingWatch:
 
     def __init__(self, timeout_s: float | None, notice_s: float = NOTICE_S, out=None):
         self.timeout_s, self.notice_s = timeout_s, notice_s
-        self.out = out or sys.stderr
+        self.out = out
         self.first_seen: dict[str, float] = {}
         self.last_seen: dict[str, float] = {}
         self.reported: set[str] = set()
@@ -74,7 +74,7 @@ class PendingWatch:
             line = self.describe(waiting[key], waited, nodes, trials)
             if key not in self.reported:
                 self.reported.add(key)
-                print(line, file=self.out, flush=True)
+                print(line, file=self.out or console.err(), flush=True)
             if self.timeout_s is not None and waited >= self.timeout_s:
                 self.stalled = f"--pending-timeout {_n(self.timeout_s)} s: {line}"
                 _stop_tune()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import results, tracking
+from orchestrator import console, results, tracking
 from orchestrator.trial import trial_path
 
 OK, FAILED = "ok", "failed"
@@ -34,6 +34,8 @@ def error_line(text: str | None) -> str:
     if not m:
         return lines[-1][:500]
     message = m.group(2)
+    if m.group(1) == "FinalTrialError" and pattern.match(message):   # a restart re-raising the trial's own error
+        return error_line(message)
     if message.endswith(":"):   # e.g. "WorkerGroupError: Training failed due to worker errors:" + the cause below
         after = lines[lines.index(m.group(0)) + 1:] if m.group(0) in lines else []
         message = f"{message} {after[0]}" if after else message
@@ -91,6 +93,7 @@ class SweepRecorder:
         self.started: dict[str, float] = {}
         self.resumed: set[str] = set()      # trials that ended in an earlier process (preload)
         self.interrupted = 0                # set by the caller from finish()
+        self.live = console.LiveLine()
 
     def preload(self, refill: bool = False) -> None:
         """A resumed run: the trials that ended before (from this folder's Parquet) stay as they are; trials that
@@ -111,6 +114,8 @@ class SweepRecorder:
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id in self.resumed:   # Tune restarts a trial that had ended after its last experiment save
             return
+        if self.trials.get(trial.trial_id, {}).get("status") == "running":
+            return                           # Tune retries a failed trial (FailureConfig): same record and MLflow run
         cell = self.cell_of(trial)
         run_id = self.tracker.start_trial(
             run_name=f"{cell.row} | seed {cell.seed}", config=cell.config,
@@ -119,7 +124,9 @@ class SweepRecorder:
                   "trial_path": trial_path(cell.config), **self.tags})
         self.started[trial.trial_id] = time.time()
         self.trials[trial.trial_id] = {**_record(trial.trial_id, cell.row, cell.row_index, cell.seed, cell.config,
-                                                 status="running", mlflow_run_id=run_id), **cell.extra}
+                                                 status="running", mlflow_run_id=run_id), **cell.extra,
+                                       "planned_epochs": cell.config["schedule"]["epochs"]}
+        self.show_status()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id in self.resumed:
@@ -135,6 +142,7 @@ class SweepRecorder:
         rec["epochs"] = epoch
         rec.update(metrics)   # the trial's final metrics are its last report's
         self.tracker.log_metrics(rec["mlflow_run_id"], metrics, step=epoch)
+        self.show_status()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.trial_id in self.resumed:
@@ -164,12 +172,36 @@ class SweepRecorder:
             metric = self.meta["metric"]
             what = f"{metric}={rec[metric]:.2f}" if status == OK and metric in rec else (error or "")
             early = " (stopped early)" if rec["stopped_early"] else ""
-            print(f"[{done}/{self.total}] {rec['row']} | seed {rec['seed']}: {status} {what}{early} "
-                  f"({rec['wall_s']:.1f}s, {rec['epochs']} epochs)", flush=True)
+            self.live.line(f"[{done}/{self.total}] {rec['row']} | seed {rec['seed']}: {status} {what}{early} "
+                           f"({rec['wall_s']:.1f}s, {rec['epochs']} epochs)")
+            self.show_status()
+
+    def show_status(self) -> None:
+        """The live line: cells done / running / failed, each running cell's epoch, and an ETA from the cells that
+        finished (their mean wall time over what is left, at the current concurrency)."""
+        if not self.progress:
+            return
+        recs = [r for tid, r in self.trials.items() if tid not in self.resumed or r["status"] == "running"]
+        running = [r for r in recs if r["status"] == "running"]
+        done = sum(r["status"] in (OK, FAILED) for r in self.trials.values())
+        failed = sum(r["status"] == FAILED for r in self.trials.values())
+        walls = [r["wall_s"] for r in recs if r["status"] == OK and r.get("wall_s")]
+        cells = ", ".join(f"{r['row']} s{r['seed']} e{r['epochs']}/{r['planned_epochs']}" for r in running[:4])
+        cells += ", ..." if len(running) > 4 else ""
+        text = f"{done}/{self.total} done, {len(running)} running" + (f" ({cells})" if cells else "")
+        text += f", {failed} failed" if failed else ""
+        if walls and running:
+            mean = sum(walls) / len(walls)
+            waiting = max(0, self.total - done - len(running))
+            left = mean * waiting + sum(mean * (1 - r["epochs"] / max(r["planned_epochs"], 1)) for r in running)
+            eta = left / len(running)
+            text += f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        self.live.show(text)
 
     def finish(self) -> int:
         """After Tune returns: cells that never ran or never ended (an interrupted sweep) count as failed.
         Returns how many there are (0 unless the sweep was interrupted)."""
+        self.live.clear()
         seen = {(r["row"], r["seed"]) for r in self.trials.values()}
         for rec in self.trials.values():
             if rec["status"] not in (OK, FAILED):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -17,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from orchestrator import pending, preflight, report, results, tables, tracking
+from orchestrator import console, pending, preflight, report, results, tables, tracking
 from orchestrator.localray import API_SERVER_ENV, DRIVER_RESOURCE, _restore_env, start_local_ray  # noqa: F401
 # RECORDERS: Tune experiments pickled before the recorder moved out of this module name it here
 from orchestrator.recorder import FAILED, OK, RECORDERS, Cell, SweepRecorder, as_tune_callback  # noqa: F401
 from orchestrator.spec import Plan
-from orchestrator.trial import run_trial, trial_path
+from orchestrator.trial import ATTEMPTS, run_trial, trial_path
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Session:
     verbose: int
     results_root: Path
     watch: pending.PendingWatch
+    log: console.Log | None = None      # where Ray's, Tune's and MLflow's own output goes (None: the terminal, -v)
 
     @property
     def stalled(self) -> str | None:
@@ -130,22 +132,33 @@ class Session:
         local_driver = self.local_driver      # not self: Tune pickles this function with the trainable
         resources = ray.tune.with_resources(
             trainable, lambda cfg: trial_resources(cfg["trial"]["config"], local_driver))
+        trial = param_space["trial"]
+        configs = [p["config"] for p in trial["grid_search"]] if "grid_search" in trial else [trial["config"]]
+        # in-process trials are retried by Tune (orchestrator.trial); a TorchTrainer's by Ray Train inside it
+        in_process = [c for c in configs if trial_path(c) == "in_process"]
+        retries = max((c["resources"]["max_failures"] for c in in_process), default=0)
         callbacks = [as_tune_callback(recorder, name), pending.watch_callback(self.watch, name)]
+        # attempts count per session: a trial resumed after an interruption has all its retries again
+        shutil.rmtree(os.path.join(self.storage, ATTEMPTS), ignore_errors=True)
         path = os.path.join(self.storage, name)
         if ray.tune.Tuner.can_restore(path):
             print(f"resuming the Tune experiment {path}", flush=True)
-            return ray.tune.Tuner.restore(path, resources, resume_unfinished=True, resume_errored=False,
-                                          restart_errored=False).fit()
+            with console.diverted(self.log):
+                return ray.tune.Tuner.restore(path, resources, resume_unfinished=True, resume_errored=False,
+                                              restart_errored=False).fit()
         tuner = ray.tune.Tuner(
             resources,
             param_space={**param_space, "storage_path": self.storage},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=False,
+            # in-process trials reuse the trial process of one that ended (torch and the data already imported)
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=max_concurrent,
+                                            reuse_actors=len(in_process) == len(configs),
                                             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                                             **tune_config),
             run_config=ray.tune.RunConfig(name=name, storage_path=self.storage, verbose=max(0, self.verbose - 1),
-                                          callbacks=callbacks),
+                                          callbacks=callbacks, failure_config=ray.tune.FailureConfig(retries)),
         )
-        return tuner.fit()
+        with console.diverted(self.log):
+            return tuner.fit()
 
     def run_grid(self, plan: Plan, max_concurrent: int | None, *, tags: dict[str, str] | None = None,
                  name: str = "tune", notes: list[str] | None = None, reuse: bool = True,
@@ -219,20 +232,25 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
         pending_timeout = None if address else pending.LOCAL_TIMEOUT_S
     started_ray = not ray.is_initialized()
     own_api_env, previous_api_env = started_ray and not address, os.environ.get(API_SERVER_ENV)
+    log = console.Log() if verbose <= 1 else None      # Ray's, Tune's and MLflow's output: sweep.log (-v: here)
     try:
         if started_ray:
-            if address:
-                join_cluster(address, verbose)
-            else:
-                start_local_ray(driver_slots, verbose)
+            with console.diverted(log):
+                if address:
+                    join_cluster(address, verbose)
+                else:
+                    start_local_ray(driver_slots, verbose)
         if address:
             for line in preflight.check_cluster_resources(list(cells), address):
                 print(line, file=sys.stderr, flush=True)
     except BaseException:
         if started_ray:
-            ray.shutdown()
+            with console.diverted(log):
+                ray.shutdown()
         if own_api_env:
             _restore_env(API_SERVER_ENV, previous_api_env)
+        if log is not None:
+            print(f"(Ray's output: {log.path})", file=sys.stderr, flush=True)
         raise
     if resume is None:
         run_dir = results.new_run_dir(results_root, name)
@@ -240,6 +258,8 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
         results.update_state(run_dir, **state, phase=None)
     else:
         run_dir = resume
+    if log is not None:
+        log.settle(run_dir)
     sweep_id = run_dir.name
     try:
         cluster = ray.cluster_resources()
@@ -248,21 +268,22 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
         results.write_atomic(run_dir / env_file, json.dumps(results.env_info(
             {"ray_cluster_resources": cluster, "ray_address": address or "local"}), indent=2, default=str))
         uri = tracking.default_tracking_uri(results_root)
-        tracker = tracking.Tracker(uri, name, results_root / "mlartifacts")
-        parent = results.read_state(run_dir).get("parent_run_id")
-        if parent:
-            tracker.resume_sweep(parent)
-        else:
-            parent = tracker.start_sweep(
-                run_name=sweep_id,
-                tags={"sweep_id": sweep_id, "git_sha": git["git_sha"] or "unknown",
-                      "results_dir": str(run_dir.resolve()), **tags},
-                params=params)
-            results.update_state(run_dir, parent_run_id=parent)
+        with console.diverted(log):      # MLflow's database set-up messages
+            tracker = tracking.Tracker(uri, name, results_root / "mlartifacts")
+            parent = results.read_state(run_dir).get("parent_run_id")
+            if parent:
+                tracker.resume_sweep(parent)
+            else:
+                parent = tracker.start_sweep(
+                    run_name=sweep_id,
+                    tags={"sweep_id": sweep_id, "git_sha": git["git_sha"] or "unknown",
+                          "results_dir": str(run_dir.resolve()), **tags},
+                    params=params)
+                results.update_state(run_dir, parent_run_id=parent)
         s = Session(run_dir=run_dir, tracker=tracker, parent_run_id=parent, sweep_id=sweep_id,
                     git_sha=git["git_sha"], local_driver=cluster.get(DRIVER_RESOURCE, 0) >= 1,
                     cpus=int(cluster.get("CPU", 1)), verbose=verbose, results_root=results_root,
-                    watch=pending.PendingWatch(pending_timeout))
+                    watch=pending.PendingWatch(pending_timeout), log=log)
         try:
             yield s
         except BaseException:
@@ -270,9 +291,12 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
             raise
     finally:
         if started_ray:
-            ray.shutdown()
+            with console.diverted(log):
+                ray.shutdown()
         if own_api_env:
             _restore_env(API_SERVER_ENV, previous_api_env)
+        if log is not None:
+            log.stream.close()
 
 
 def join_cluster(address: str, verbose: int) -> None:

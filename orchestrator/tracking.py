@@ -16,13 +16,12 @@ import math
 import os
 import queue
 import re
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-
+from orchestrator import console
 from trainers.config import flatten
 
 MLFLOW_BATCH = 100  # params per log_batch call (MLflow's limit)
@@ -264,7 +263,7 @@ class Tracker:
         uri_opt = f" --tracking-uri {self.uri}" if os.environ.get("MLFLOW_TRACKING_URI") else ""
         print(f"rlseg: MLflow at {self.uri} failed ({what}: {_reason(error)}, after {seconds:.1f} s); this command logs nothing more to "
               f"MLflow (the run folder still gets every trial, epoch and table); once MLflow is back, copy what it "
-              f"missed with: rlseg-sync {where}{uri_opt}", file=sys.stderr, flush=True)
+              f"missed with: rlseg-sync {where}{uri_opt}", file=console.err(), flush=True)
 
     def _guess_run_dir(self) -> Path | None:
         """The run folder this process just prepared (session writes env.json or env.resumed.json, then makes us)."""

@@ -5,7 +5,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -167,38 +166,37 @@ def test_every_rank_resumes_its_own_rng_state(tmp_path):
 TINY4 = {"data": {"image_size": 32, "train_size": 32, "val_size": 16}, "schedule": {"epochs": 4, "batch_size": 8}}
 
 
-@pytest.fixture(scope="module")
-def fault_sweep(tmp_path_factory):
-    """One real sweep of one seed, three rows (Ray start-up is paid once): `clean` never fails; `killed` loses its
-    worker process in epoch 3, after the epoch-2 checkpoint, and Ray Train restarts it from that checkpoint
-    (resources.max_failures: 2, the default); `raises` raises in epoch 2 with no retry allowed; `diverges` gets a NaN
-    loss in epoch 2 and, retries allowed, is not retried (a retry from the epoch-1 checkpoint would run without
-    the fault and end ok)."""
+@pytest.fixture(scope="module", params=["torch_trainer", "in_process"])
+def fault_sweep(tmp_path_factory, request):
+    """One real sweep of one seed, four rows (Ray start-up is paid once), on each trial path: `clean` never fails;
+    `killed` loses its process in epoch 3, after the epoch-2 checkpoint, and is restarted from that checkpoint
+    (resources.max_failures: 2, the default; by Ray Train on the torch_trainer path, by Tune in process); `raises`
+    raises in epoch 2 with no retry allowed; `diverges` gets a NaN loss in epoch 2 and, retries allowed, is not
+    retried (a retry from the epoch-1 checkpoint would run without the fault and end ok)."""
     from orchestrator.spec import resolve
     from orchestrator.sweep import run_sweep
 
     tmp_path = tmp_path_factory.mktemp("faults")
     spec = tmp_path / "faults.yaml"
-    spec.write_text(yaml.safe_dump({"name": "faults", "seeds": [0], "base": TINY4, "rows": [
+    base = {**TINY4, "resources": {"trial_path": request.param}}
+    spec.write_text(yaml.safe_dump({"name": "faults", "seeds": [0], "base": base, "rows": [
         {"name": "clean"},
         {"name": "killed", "set": {"debug.fault": {"kind": "exit", "epoch": 3}}},
         {"name": "raises", "set": {"resources.max_failures": 0, "debug.fault": {"kind": "raise", "epoch": 2}}},
         {"name": "diverges", "set": {"debug.fault": {"kind": "nan", "epoch": 2}}},
     ]}, sort_keys=False))
-    t0 = time.perf_counter()
     outcome = run_sweep(resolve(spec), results_root=tmp_path / "results", verbose=0)
-    print(f"fault sweep, 4 trials: {time.perf_counter() - t0:.1f}s")
     trials = pd.read_parquet(outcome.run_dir / "trials.parquet").set_index("row")
     epochs = pd.read_parquet(outcome.run_dir / "epochs.parquet")
-    return outcome, trials, epochs
+    return outcome, trials, epochs, request.param
 
 
 @pytest.mark.integration
 def test_killed_worker_is_retried_from_its_checkpoint_and_ends_as_if_never_killed(fault_sweep):
-    outcome, trials, epochs = fault_sweep
+    outcome, trials, epochs, path = fault_sweep
     killed, clean = trials.loc["killed"], trials.loc["clean"]
     assert (clean["status"], killed["status"]) == ("ok", "ok"), killed["error"]
-    assert killed["epochs"] == 4 and killed["trial_path"] == "torch_trainer"
+    assert killed["epochs"] == 4 and killed["trial_path"] == clean["trial_path"] == path
     metrics = [c for c in trials.columns if c.startswith(("train/", "val/")) and not c.startswith(TIMING)]
     assert {"val/mIoU", "train/loss", "train/lr"} <= set(metrics)
     assert {m: killed[m] for m in metrics} == {m: clean[m] for m in metrics}
@@ -209,8 +207,8 @@ def test_killed_worker_is_retried_from_its_checkpoint_and_ends_as_if_never_kille
     assert list(killed_epochs["val/mIoU"]) == list(clean_epochs["val/mIoU"])
 
     # the final checkpoint's rank record says where the last attempt started: the epoch-2 checkpoint
-    def last_attempt_start(trial_id: str) -> int:
-        (record,) = (outcome.run_dir / "ray" / f"train-{trial_id}").glob("checkpoint_*/ranks/rank0.json")
+    def last_attempt_start(trial_id: str) -> int:    # train-<id>/ (TorchTrainer) or tune/<row>-seed0-<id>/ (Tune)
+        (record,) = (r for r in (outcome.run_dir / "ray").rglob("checkpoint_*/ranks/rank0.json") if trial_id in str(r))
         return json.loads(record.read_text())["resumed_from_epoch"]
     assert last_attempt_start(killed["trial_id"]) == 2
     assert last_attempt_start(clean["trial_id"]) == 0
@@ -218,7 +216,7 @@ def test_killed_worker_is_retried_from_its_checkpoint_and_ends_as_if_never_kille
 
 @pytest.mark.integration
 def test_failure_without_retries_fails_the_trial_and_the_sweep_goes_on(fault_sweep):
-    outcome, trials, epochs = fault_sweep
+    outcome, trials, epochs, _ = fault_sweep
     raises = trials.loc["raises"]
     assert raises["status"] == "failed"
     assert raises["error"] == "InjectedFaultError: debug.fault: injected failure in epoch 2 step 0 on rank 0"
@@ -230,9 +228,9 @@ def test_failure_without_retries_fails_the_trial_and_the_sweep_goes_on(fault_swe
 
 @pytest.mark.integration
 def test_divergence_fails_the_trial_at_once_without_retries(fault_sweep):
-    outcome, trials, epochs = fault_sweep
+    outcome, trials, epochs, path = fault_sweep
     diverges = trials.loc["diverges"]
-    assert diverges["status"] == "failed" and diverges["trial_path"] == "torch_trainer"
+    assert diverges["status"] == "failed" and diverges["trial_path"] == path
     assert diverges["error"] == "TrainingDiverged: training loss became nan in epoch 2"
     assert diverges["epochs"] == 1      # the divergence report is not an epoch
     assert list(epochs[epochs["trial_id"] == diverges["trial_id"]]["epoch"]) == [1]

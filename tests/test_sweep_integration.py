@@ -34,7 +34,7 @@ def test_two_rows_two_seeds_through_tune_torchtrainer_and_mlflow(tmp_path):
         profiles: {{tiny: {TINY}}}
         rows:
           - {{name: CE, paper: 50.0}}
-          - {{name: CE + Dice, set: {{method.seg_loss.dice: 1.0}}}}
+          - {{name: CE + Dice, set: {{method.seg_loss.dice: 1.0, resources.trial_path: torch_trainer}}}}
     """, "--profile", "tiny")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(run_dir / "trials.parquet")
@@ -42,7 +42,13 @@ def test_two_rows_two_seeds_through_tune_torchtrainer_and_mlflow(tmp_path):
     assert len(trials) == 4
     assert set(trials["status"]) == {"ok"}
     assert sorted(zip(trials["row"], trials["seed"])) == [("CE", 0), ("CE", 1), ("CE + Dice", 0), ("CE + Dice", 1)]
-    assert set(trials["trial_path"]) == {"torch_trainer"}
+    # one worker trains in the Tune trial by default; the other row asks for a Ray Train TorchTrainer
+    assert dict(zip(trials["row"], trials["trial_path"])) == {"CE": "in_process", "CE + Dice": "torch_trainer"}
+    # the terminal shows rlseg's own lines; Ray's, Tune's and MLflow's go to sweep.log in the run folder
+    terminal = proc.stdout + proc.stderr
+    for noise in ("Started a local Ray instance", "Configuration for experiment", "TensorBoard", "INFO", "WARNING"):
+        assert noise not in terminal, noise
+    assert "Configuration for experiment" in (run_dir / "sweep.log").read_text()
     assert len(epochs) == 8 and sorted(set(epochs["epoch"])) == [1, 2]
     for _, t in trials.iterrows():   # the final metric is the last epoch's
         last = epochs[(epochs["trial_id"] == t["trial_id"]) & (epochs["epoch"] == 2)]
