@@ -244,11 +244,7 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
             for line in preflight.check_cluster_resources(list(cells), address):
                 print(line, file=sys.stderr, flush=True)
     except BaseException:
-        if started_ray:
-            with console.diverted(log):
-                ray.shutdown()
-        if own_api_env:
-            _restore_env(API_SERVER_ENV, previous_api_env)
+        _end_ray(started_ray, own_api_env, previous_api_env, log)
         if log is not None:
             print(f"(Ray's output: {log.path})", file=sys.stderr, flush=True)
         raise
@@ -290,13 +286,20 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
             tracker.end_run(parent, ok=False, error="the sweep itself stopped with an exception")
             raise
     finally:
-        if started_ray:
-            with console.diverted(log):
-                ray.shutdown()
-        if own_api_env:
-            _restore_env(API_SERVER_ENV, previous_api_env)
+        _end_ray(started_ray, own_api_env, previous_api_env, log)
         if log is not None:
             log.stream.close()
+
+
+def _end_ray(started_ray: bool, own_api_env: bool, previous_api_env: str | None, log: console.Log | None) -> None:
+    """Shut down the Ray this session started (its messages to the log) and restore RAY_API_SERVER_ADDRESS."""
+    import ray
+
+    if started_ray:
+        with console.diverted(log):
+            ray.shutdown()
+    if own_api_env:
+        _restore_env(API_SERVER_ENV, previous_api_env)
 
 
 def join_cluster(address: str, verbose: int) -> None:
