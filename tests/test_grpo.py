@@ -167,3 +167,15 @@ def test_clip_rl_k3_to_the_reference():
     out["loss"].backward()
     assert float(model.grad_stats()["rl/policy_grad_norm"]) > 0
     assert not any(p.grad is not None for p in model.ref_agent.parameters())
+
+
+def test_latent_rl_ema_reference_is_the_old_policy():
+    """kl_reference ema: pi_ref is pi_old (Eq. 19), no extra copy; k3 is 0 while they agree and grows once pi moves."""
+    _, model = latent_rl(loss={"kl_reference": "ema", "ratio_level": "element"})
+    assert model.ref_policy is None
+    x = torch.randn(4, 3, 32, 32, generator=G(1))
+    y = torch.randint(0, 8, (4, 32, 32), generator=G(2))
+    assert float(model(x, y)["rl/kl_ref"]) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        model.policy.fc_mu.bias.add_(0.3)
+    assert float(model(x, y)["rl/kl_ref"]) > 1e-3

@@ -247,7 +247,8 @@ class LatentRL(SegMethod):
         if self.rl_phase:
             loss = loss + m.loss.lambda_policy * loss_policy + m.loss.lambda_kl * loss_kl   # Eq. 6
         if m.loss.kl_reference != "none":
-            loss_ref = self.reference_kl(state, s, mu_g, log_sigma_g, image_level=m.loss.ratio_level == "image")
+            loss_ref = self.reference_kl(state, s, mu_g, log_sigma_g, (mu_old_g, log_sigma_old_g),
+                                         image_level=m.loss.ratio_level == "image")
             if self.rl_phase:
                 loss = loss + m.loss.beta_ref * loss_ref
             out["rl/kl_ref"] = loss_ref.detach()
@@ -261,17 +262,17 @@ class LatentRL(SegMethod):
         return out
 
     def reference_kl(self, state: torch.Tensor, s: torch.Tensor, mu_g: torch.Tensor, log_sigma_g: torch.Tensor,
-                     image_level: bool) -> torch.Tensor:
+                     old_g: tuple[torch.Tensor, torch.Tensor], image_level: bool) -> torch.Tensor:
         """Seg-R1's k3 estimate of KL(pi_phi || pi_ref) at the sample s (B*G, d, h, w), per element (token): their
         sum per image at the image level (the KL of the whole action, like L_KL), their mean at the element level;
-        then the mean over samples."""
+        then the mean over samples. old_g: pi_old's (mu, log_sigma) per sample, the reference for `ema`."""
         with torch.no_grad():
             if self.ref_policy is None:                                     # ema: pi_ref = pi_old
-                mu_ref, log_sigma_ref = self.old_policy(state)
+                mu_ref, log_sigma_ref = old_g
             else:
                 mu_ref, log_sigma_ref = self.ref_policy(state)
-            if self.group > 1:
-                mu_ref, log_sigma_ref = (t.repeat_interleave(self.group, 0) for t in (mu_ref, log_sigma_ref))
+                if self.group > 1:
+                    mu_ref, log_sigma_ref = (t.repeat_interleave(self.group, 0) for t in (mu_ref, log_sigma_ref))
             logp_ref = gaussian_log_prob(s, mu_ref, log_sigma_ref, reduce=False).flatten(1)
         logp = gaussian_log_prob(s, mu_g, log_sigma_g, reduce=False).flatten(1)
         k3 = k3_kl(logp, logp_ref, self.cfg.loss.log_ratio_cap)             # (B*G, d*h*w)
