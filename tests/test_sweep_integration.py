@@ -56,9 +56,11 @@ def test_two_rows_two_seeds_through_tune_torchtrainer_and_mlflow(tmp_path):
     cfgs = trials.set_index("row")["config_json"].map(json.loads)
     assert {c["method"]["seg_loss"]["dice"] for c in cfgs.loc["CE + Dice"]} == {1.0}
 
-    for f in ["spec.resolved.yaml", "env.json", "table.md", "table.csv", "table.tex"]:
+    for f in ["spec.resolved.yaml", "env.json", "table.md", "table.csv", "table.tex", "table.json", "report.html"]:
         assert (run_dir / f).is_file(), f
-    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == ["bars_val_mIoU.png", "curves_val_mIoU.png"]
+    # the table's plots and report.html's own (no RL diagnostics: these rows are supervised)
+    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
+        "bars_val_mIoU.png", "class_iou.png", "curves_val_mIoU.png", "seeds_val_mIoU.png"]
 
     # MLflow: one parent run, four nested runs whose metrics are the Parquet values
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
@@ -75,13 +77,14 @@ def test_two_rows_two_seeds_through_tune_torchtrainer_and_mlflow(tmp_path):
         t = by_id.loc[c.info.run_id]
         assert c.info.status == "FINISHED"
         assert c.data.tags["row"] == t["row"] and int(c.data.tags["seed"]) == t["seed"]
+        assert c.data.params["row"] == t["row"]          # the UI groups the trials by this param
         assert c.data.tags["sweep_id"] == run_dir.name and "git_sha" in c.data.tags
         assert c.data.metrics["val/mIoU"] == pytest.approx(t["val/mIoU"])
         assert c.data.params["schedule.epochs"] == "2"
         history = client.get_metric_history(c.info.run_id, "val/mIoU")
         assert sorted(m.step for m in history) == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"table.md", "table.csv", "table.json", "plots"} <= artifacts
+    assert {"table.md", "table.csv", "table.json", "report.html", "plots"} <= artifacts
 
     # the rendered table: mean ± std over the two seeds, the paper column, printed at the end
     table = pd.read_csv(run_dir / "table.csv")
