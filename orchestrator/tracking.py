@@ -133,7 +133,9 @@ def log_results(client, run_id: str, summary, files: list[Path], plots: list[Pat
                 present: frozenset[str] = frozenset()) -> None:
     """A sweep's table on its parent run: the files (report.html among them), plots/, table.json (skipping the
     artifact paths in `present`), the best row as a tag and its mean as `best/mean`, and every row's statistics as
-    metrics (row_metrics)."""
+    metrics (row_metrics). A report.html beside the files goes too, though not listed (rlseg-sync lists the tables)."""
+    pages = {f.parent / "report.html" for f in files} - set(files)
+    files = [*files, *sorted(p for p in pages if p.is_file())]
     for f in files:
         if f.name not in present:
             client.log_artifact(run_id, str(f))

@@ -192,3 +192,11 @@ def test_mlflow_ui_screenshots_of_the_parent_run_and_the_rows_view_are_not_blank
     for name, url in shots.items():
         pixels = screenshot(url, out / f"mlflow_{name}.png", wait_ms=15000)
         assert not_blank(pixels) > 0.03, name
+
+
+def test_the_report_beside_the_tables_goes_to_mlflow_even_when_only_the_tables_are_listed(swept):
+    # rlseg-sync (MLflow was down during the sweep) lists the table files of the run folder; the page must follow
+    client = MlflowClient(swept["uri"])
+    run = client.create_run(swept["experiment_id"], run_name="synced later")
+    tracking.log_results(client, run.info.run_id, swept["summary"], [swept["run_dir"] / "table.md"], [])
+    assert {"table.md", "report.html", "table.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
