@@ -37,7 +37,7 @@ def test_resolve_rows_seeds_and_changes(write_spec):
     assert [t.seed for t in plan.trials[:3]] == [0, 1, 2]
     assert plan.rows[0].changes == {}
     assert plan.rows[1].changes == {"method.seg_loss.dice": 1.0}
-    assert plan.rows[1].config["method"]["seg_loss"] == {"ce": 1.0, "dice": 1.0}   # merged, not replaced
+    assert plan.rows[1].config["method"]["seg_loss"] == {"ce": 1.0, "dice": 1.0, "ce_reduction": "mean"}   # merged
     assert plan.rows[0].paper == 70.1 and plan.rows[1].paper is None
     assert all(t.config["seed"] == t.seed for t in plan.trials)
 
@@ -144,8 +144,10 @@ def test_paper_profile_is_the_papers_setting(repo):
     assert (s["epochs"], s["optimizer"], s["lr"], s["momentum"], s["weight_decay"]) == (60, "sgd", 0.01, 0.9, 5e-4)
     assert s["batch_size"] * cfg["resources"]["workers"] == 16
     assert cfg["method"]["policy"]["detach_state"] is False and cfg["method"]["policy"]["lr_scale"] == 1.0
-    assert cfg["method"]["loss"]["ratio_level"] == "image"
-    assert plan.rows[0].config["method"] == {"name": "supervised", "seg_loss": {"ce": 1.0, "dice": 0.0}}
+    # per-element PPO ratios: the image-level one is inert at these shapes (measured; the preset says so)
+    assert cfg["method"]["loss"]["ratio_level"] == "element"
+    assert plan.rows[0].config["method"] == {"name": "supervised",
+                                             "seg_loss": {"ce": 1.0, "dice": 0.0, "ce_reduction": "mean"}}
 
 
 PENDING = GOOD + textwrap.indent(textwrap.dedent("""
