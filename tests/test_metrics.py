@@ -42,8 +42,9 @@ def test_dice_loss_perfect_and_wrong():
 
 
 def test_segmentation_loss_weights():
-    class W:
-        ce, dice = 0.5, 2.0
+    from trainers.config import SegLossConfig
+
+    W = SegLossConfig(ce=0.5, dice=2.0)
     logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     target = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(1))
     out = segmentation_loss(logits, target, W)

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny
 from orchestrator.spec import resolve
 from orchestrator.sweep import DRIVER_RESOURCE, fitting_trials, trial_resources
-from orchestrator.trial import scaling_config
+from orchestrator.trial import scaling_config, trial_path
 from trainers.config import Config
 from trainers.data import build_dataset
 from trainers.loop import (CHECKPOINT_FILE, RANK_RECORD, RANKS_DIR, fit, seed_everything, tensors_sha256,
@@ -61,10 +61,14 @@ def test_tensors_sha256_is_equal_exactly_for_identical_tensors():
 
 def test_trial_resources_hold_a_driver_unit_not_a_cpu():
     """A TorchTrainer trial's driver only waits: on a local Ray it holds one TRAIN_DRIVER unit and no CPU, on a
-    cluster without that unit half a CPU; an in-process trial (workers 0) trains and holds its CPUs (and GPUs)."""
-    assert trial_resources(config(), local_driver_resource=True) == {"cpu": 0, DRIVER_RESOURCE: 1}
-    assert trial_resources(config(), local_driver_resource=False) == {"cpu": 0.5}
+    cluster without that unit half a CPU; an in-process trial (0 or 1 worker by default) trains and holds its CPUs
+    (and GPUs)."""
+    trainer = config(trial_path="torch_trainer")
+    assert trial_resources(trainer, local_driver_resource=True) == {"cpu": 0, DRIVER_RESOURCE: 1}
+    assert trial_resources(trainer, local_driver_resource=False) == {"cpu": 0.5}
+    assert trial_resources(config(workers=2), local_driver_resource=True) == {"cpu": 0, DRIVER_RESOURCE: 1}
     assert trial_resources(config(workers=0, cpus_per_worker=2), True) == {"cpu": 2}
+    assert trial_resources(config(cpus_per_worker=2), True) == {"cpu": 2}     # 1 worker: in process by default
     assert trial_resources(config(workers=0, cpus_per_worker=2, gpus_per_worker=0.5), True) == {"cpu": 2, "gpu": 0.5}
 
 
@@ -83,7 +87,7 @@ def test_fitting_trials_counts_what_fits(resources, cpus, expect):
     # the same count from what Ray is asked for: the trial's own CPUs on a local Ray plus its workers' ScalingConfig
     c = configs[0]
     per_trial = trial_resources(c, True)["cpu"] + (
-        scaling_config(c).total_resources["CPU"] if c["resources"]["workers"] else 0)
+        scaling_config(c).total_resources["CPU"] if trial_path(c) == "torch_trainer" else 0)
     assert expect == max(1, min(6, int(cpus // per_trial)))
     # a mix runs as many at a time as the largest trial allows
     assert fitting_trials(configs + [config(workers=2, cpus_per_worker=2)], cpus) == max(1, min(7, cpus // 4))
