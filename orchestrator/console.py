@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 LOG_FILE = "sweep.log"
-NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna", "py.warnings")
+NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna")
 
 _streams: list[tuple[IO[str], IO[str]]] = []     # (stdout, stderr) of the terminal, innermost diversion last
 
@@ -65,13 +65,15 @@ def diverted(log: Log | None) -> Iterator[None]:
     for name in NOISY_LOGGERS:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                moved.append((handler, handler.setStream(log.stream)))
+                old = handler.setStream(log.stream)      # None when it already wrote there (a handler seen twice)
+                if old is not None:
+                    moved.append((handler, old))
     sys.stdout = sys.stderr = log.stream
     try:
         yield
     finally:
         sys.stdout, sys.stderr = _streams.pop()
-        for handler, stream in moved:
+        for handler, stream in reversed(moved):
             handler.setStream(stream)
 
 
