@@ -23,6 +23,13 @@ def _paper(mean: float | None, std: float | None) -> str:
     return f"{mean:g}" + (f" ± {std:g}" if std is not None else "")
 
 
+def _papers(plan: Plan, row) -> str:
+    """The row's paper number, or one per table column (a / b / c) when the spec has columns."""
+    if not plan.columns:
+        return _paper(row.paper, row.paper_std)
+    return " / ".join(_paper(row.papers.get(c["name"]), None) for c in plan.columns)
+
+
 def render_plan(plan: Plan, max_concurrent: int | None = None) -> str:
     from orchestrator.sweep import default_max_concurrent, trial_path
 
@@ -34,19 +41,21 @@ def render_plan(plan: Plan, max_concurrent: int | None = None) -> str:
         f"metric: {spec.metric.name} ({spec.metric.mode})   seeds: {_seeds(spec.seeds)}   "
         f"rows: {len(plan.rows)}" + (f" (+{len(plan.pending)} pending)" if plan.pending else "")
         + f"   trials: {len(plan.trials)}",
+        *([f"columns: {', '.join(c['name'] + ' = ' + c['metric'] for c in plan.columns)}"] if plan.columns else []),
         "",
     ]
-    table = [("#", "row", "method", "trial", "changes vs base", "paper")]
+    table = [("#", "row", "method", "trial", "changes vs base",
+              "paper" + (f" ({' / '.join(c['name'] for c in plan.columns)})" if plan.columns else ""))]
     lines_by_index = {}
     for r in plan.rows:
         res = r.config["resources"]
         where = (f"{res['workers']}x{res['cpus_per_worker']:g} CPU" + (f"+{res['gpus_per_worker']:g} GPU" if res["gpus_per_worker"] else "")
                  if trial_path(r.config) == "torch_trainer" else "in-process")
         lines_by_index[r.index] = (str(r.index), r.name, r.config["method"]["name"], where, _changes(r.changes),
-                                   _paper(r.paper, r.paper_std))
+                                   _papers(plan, r))
     for p in plan.pending:
         lines_by_index[p.index] = (str(p.index), p.name, "—", "PENDING", f"not runnable yet: {p.reason} [{p.error}]",
-                                   _paper(p.paper, p.paper_std))
+                                   _papers(plan, p))
     table += [lines_by_index[i] for i in sorted(lines_by_index)]
     lines = _table(table)
     tail = [

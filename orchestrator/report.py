@@ -97,8 +97,9 @@ def summary_section(summary: pd.DataFrame, trials: pd.DataFrame, metric: str) ->
               f"P(improve over {ref})", "p Welch", "p Holm", "paper", "paper Δ", "seeds needed", "failed", "reused",
               "stopped early"]
     body, classes = [], []
-    paper0 = summary["paper"].iloc[0] if len(summary) else math.nan
-    for i, line in enumerate(summary.itertuples(index=False)):
+    paper_of = dict(zip(summary["row"], summary["paper"]))
+    refs = summary["reference"] if "reference" in summary else summary["row"].iloc[:1].reindex(summary.index).ffill()
+    for i, (line, ref_row) in enumerate(zip(summary.itertuples(index=False), refs)):
         sel = trials["row"] == line.row if "row" in trials else pd.Series(dtype=bool)
         reused = int(trials.loc[sel, "reused"].fillna(False).astype(bool).sum()) if "reused" in trials else 0
         early = int(trials.loc[sel, "stopped_early"].fillna(False).astype(bool).sum()) if "stopped_early" in trials else 0
@@ -110,17 +111,36 @@ def summary_section(summary: pd.DataFrame, trials: pd.DataFrame, metric: str) ->
                      _interval(line.ci_low, line.ci_high), tables.fmt_delta(line.delta),
                      _interval(line.delta_ci_low, line.delta_ci_high), _num(line.p_improve),
                      tables.fmt_p(line.p_welch), tables.fmt_p(line.p_holm), _e(tables.fmt_paper(line.paper, line.paper_std)),
-                     tables.DASH if i == 0 else tables.fmt_delta(line.paper - paper0), _seeds(line.seeds_needed), str(int(line.failed)),
+                     tables.DASH if ref_row == line.row else tables.fmt_delta(line.paper - paper_of[ref_row]), _seeds(line.seeds_needed), str(int(line.failed)),
                      str(reused), str(early)])
         classes.append("best" if line.best else "")
     tested = int(summary["p_welch"].notna().sum())
-    notes = (f"<p class=\"muted\">Baseline: the first row, {_e(ref)}. 95% CIs: percentile bootstrap of the mean over "
+    baseline = tables.reference_note(summary) or f"Baseline: the first row, {ref}"
+    notes = (f"<p class=\"muted\">{_e(baseline)}. 95% CIs: percentile bootstrap of the mean over "
              f"seeds (scipy.stats.bootstrap, 9999 resamples, seed 0; Δ: each row resampled on its own). "
              f"P(improve): P(X &gt; Y) over all seed pairs, ties half (rliable). p Welch: two-sided Welch t-test vs "
              f"{_e(ref)}; p Holm: adjusted over the {tested} row(s) tested. Seeds needed: seeds per row for a "
              f"two-sided two-sample t-test (α 0.05, power 0.8) to detect the paper's Δ at the pooled std of the row "
              f"and {_e(ref)} (noncentral t). Highlighted: best mean.</p>")
-    return _table(header, body, classes, raw=True) + notes
+    return _table(header, body, classes, raw=True) + notes + columns_section(summary)
+
+
+def columns_section(summary: pd.DataFrame) -> str:
+    """The spec's further columns (orchestrator.columns): each column's mean ± std, Δ vs the row's reference and the
+    paper's number, per row; empty without columns."""
+    names = tables.spec_columns(summary)
+    if not names:
+        return ""
+    header = ["row"] + [f"{n} {what}" for n in names for what in ("mean ± std", "Δ", "paper")]
+    body = []
+    for rec in summary.to_dict("records"):
+        cells = [_e(rec["row"])]
+        for n in names:
+            k = tables.column_keys(n)
+            cells += [_e(tables.fmt_mean_std(rec[k["mean"]], rec[k["std"]], int(rec[k["n"]]))),
+                      tables.fmt_delta(rec[k["delta"]]), _e(tables.fmt_paper(rec[k["paper"]]))]
+        body.append(cells)
+    return "<h3>Columns</h3>" + _table(header, body, raw=True)
 
 
 def cells_section(trials: pd.DataFrame, metric: str) -> str:

@@ -1,4 +1,4 @@
-"""The figures of report.html beyond the table's own (orchestrator.tables): every row's curve with its seed band,
+"""The figures of report.html beyond the table's own (orchestrator.table_plots): every row's curve with its seed band,
 per-class IoU by row as a heat map, and the RL diagnostics by row; PNGs in plots/ that the report inlines."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator import tables
+from orchestrator import table_plots
 
 CLASS_IOU = "val/IoU/"
 # RL health by row, in the papers' words: reward terms, PPO clip fraction and KL (k3), KL to the reference policy,
@@ -58,7 +58,7 @@ def class_iou_matrix(epochs: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
 
 def plot_seed_curves(epochs: pd.DataFrame, metric: str, rows: list[dict], path: Path) -> None:
     """One panel per row: each seed's curve thin, the mean over seeds bold, min..max over seeds shaded."""
-    plt = tables._pyplot()
+    plt = table_plots._pyplot()
     from matplotlib.ticker import MaxNLocator
     n = max(1, len(rows))
     cols = min(3, n)
@@ -89,14 +89,14 @@ def plot_seed_curves(epochs: pd.DataFrame, metric: str, rows: list[dict], path: 
         axes[0][0].set_ylabel(metric)
         fig.suptitle(f"{metric} per row: each seed (thin), mean (bold), seed range (band)")
         fig.tight_layout()
-        tables.save_figure(fig, path)
+        table_plots.save_figure(fig, path)
     finally:
         plt.close(fig)
 
 
 def plot_class_iou(matrix: pd.DataFrame, path: Path) -> None:
     """A heat map of rows x classes with the IoU written in each cell."""
-    plt = tables._pyplot()
+    plt = table_plots._pyplot()
     values = matrix.to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * values.shape[1] + 3), max(2.5, 0.5 * values.shape[0] + 1.5)))
     try:
@@ -111,14 +111,14 @@ def plot_class_iou(matrix: pd.DataFrame, path: Path) -> None:
                     color="white" if np.isfinite(v) and v < middle else "black")
         fig.colorbar(image, ax=ax, label="IoU")
         ax.set_title("per-class IoU by row (last epoch, mean over seeds)")
-        tables.save_figure(fig, path)
+        table_plots.save_figure(fig, path)
     finally:
         plt.close(fig)
 
 
 def plot_diagnostics(epochs: pd.DataFrame, columns: list[str], rows: list[dict], path: Path) -> None:
     """One panel per diagnostic: its mean over seeds vs epoch, one line per row that has it."""
-    plt = tables._pyplot()
+    plt = table_plots._pyplot()
     from matplotlib.ticker import MaxNLocator
     cols = min(3, len(columns))
     nrows = math.ceil(len(columns) / cols)
@@ -152,7 +152,7 @@ def plot_diagnostics(epochs: pd.DataFrame, columns: list[str], rows: list[dict],
                        bbox_to_anchor=(0.5, -0.02 - 0.03 * math.ceil(len(labels) / 3)))
         fig.suptitle("RL diagnostics by row (mean over seeds)")
         fig.tight_layout()
-        tables.save_figure(fig, path)
+        table_plots.save_figure(fig, path)
     finally:
         plt.close(fig)
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.config import flatten
+from orchestrator.columns import (ColumnSpec, active_columns, check_columns, check_paper,  # noqa: F401
+                                  paper_numbers)
 from trainers.overrides import OverrideError, apply_overrides, parse_assignments
 # re-exported: the rest of rlseg imports these from orchestrator.spec
 from orchestrator.space import DISTRIBUTIONS, SPACE_KEYS, SearchParam, find_space, load_space  # noqa: F401
@@ -39,9 +41,12 @@ class MetricSpec(_Strict):
 class RowSpec(_Strict):
     name: str = Field(min_length=1)
     set: dict[str, Any] = Field(default_factory=dict)   # dotted-key overrides of the base config
-    paper: FiniteFloat | None = None                    # the paper's number for this row, if any
+    # the paper's number for this row, if any: a number (the spec metric's), {column: number} or {profile: number
+    # or {column: number}} (orchestrator.columns)
+    paper: FiniteFloat | dict[str, FiniteFloat | dict[str, FiniteFloat]] | None = None
     paper_std: FiniteFloat | None = Field(None, ge=0)   # and its std over seeds, where the paper gives one
     note: str | None = None
+    compare_to: str | None = Field(None, min_length=1)  # the row Δ and p are against (default: the first row)
     # Why this row may not run yet (e.g. its backbone is not implemented). If its `set` does not resolve, the row
     # stays in the dry-run and the table (with the paper's number and the resolution error) and runs no trials;
     # once it resolves (the backbone landed) it is an ordinary row.
@@ -67,9 +72,21 @@ class _SpecBase(_Strict):
 class Spec(_SpecBase):
     """An ablation: rows x seeds."""
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    columns: list[ColumnSpec] | None = Field(None, min_length=1)   # more metrics per row (orchestrator.columns)
     rows: list[RowSpec] = Field(min_length=1)
 
     _unique_seeds = field_validator("seeds")(_distinct_seeds)
+
+    @model_validator(mode="after")
+    def _columns_and_references(self):
+        check_columns(self.columns, self.metric.name, list(self.profiles))
+        names = [r.name for r in self.rows]
+        for i, row in enumerate(self.rows):
+            check_paper(f"rows[{i}] ({row.name})", row.paper, self.columns, list(self.profiles))
+            if row.compare_to is not None and (row.compare_to not in names or row.compare_to == row.name):
+                raise ValueError(f"rows[{i}] ({row.name}).compare_to: expected the name of another row "
+                                 f"({', '.join(n for n in names if n != row.name)}), got {row.compare_to!r}")
+        return self
 
     @field_validator("rows")
     @classmethod
@@ -167,6 +184,8 @@ class Row:
     config: dict[str, Any]          # resolved, validated, seed not yet set
     changes: dict[str, Any]         # flattened differences from the base config
     paper_std: float | None = None
+    papers: dict[str, float] = field(default_factory=dict)   # the paper's number per table column
+    compare_to: str | None = None
 
 
 @dataclass
@@ -179,6 +198,8 @@ class PendingRow:
     reason: str
     error: str                      # why its `set` does not resolve
     set: dict[str, Any]
+    papers: dict[str, float] = field(default_factory=dict)
+    compare_to: str | None = None
 
 
 @dataclass
@@ -203,24 +224,26 @@ class Plan:
     rows: list[Row]                 # the runnable rows
     trials: list[TrialSpec] = field(default_factory=list)
     pending: list[PendingRow] = field(default_factory=list)
+    columns: list[dict[str, str]] = field(default_factory=list)   # this profile's table columns {name, metric}
 
     def table_rows(self) -> list[dict[str, Any]]:
-        """Every spec row in spec order, as the table wants them (name, paper, paper_std, pending reason)."""
-        rows = [(r.index, {"name": r.name, "paper": r.paper, "paper_std": r.paper_std, "pending": None})
-                for r in self.rows]
-        rows += [(p.index, {"name": p.name, "paper": p.paper, "paper_std": p.paper_std, "pending": p.reason})
-                 for p in self.pending]
-        return [r for _, r in sorted(rows, key=lambda t: t[0])]
+        """Every spec row in spec order, as the table wants them (name, paper, paper_std, papers per column,
+        compare_to, pending reason)."""
+        rows = [(r, None) for r in self.rows] + [(p, p.reason) for p in self.pending]
+        return [{"name": r.name, "paper": r.paper, "paper_std": r.paper_std, "papers": r.papers,
+                 "compare_to": r.compare_to, "pending": reason}
+                for r, reason in sorted(rows, key=lambda t: t[0].index)]
 
     def resolved(self) -> dict[str, Any]:
         """What spec.resolved.yaml holds: the spec as given plus every row's full config."""
         return {
             "spec": self.spec.model_dump(mode="json"), "spec_path": str(self.path),
             "profile": self.profile, "overrides": self.overrides,
-            "rows": [{"name": r.name, "paper": r.paper, "paper_std": r.paper_std, "changes": r.changes,
-                      "config": r.config} for r in self.rows],
-            "pending": [{"name": p.name, "paper": p.paper, "paper_std": p.paper_std, "reason": p.reason, "error": p.error,
-                         "set": p.set}
+            "columns": self.columns,
+            "rows": [{"name": r.name, "paper": r.paper, "paper_std": r.paper_std, "papers": r.papers,
+                      "compare_to": r.compare_to, "changes": r.changes, "config": r.config} for r in self.rows],
+            "pending": [{"name": p.name, "paper": p.paper, "paper_std": p.paper_std, "papers": p.papers,
+                         "reason": p.reason, "error": p.error, "set": p.set}
                         for p in self.pending],
         }
 
@@ -303,27 +326,30 @@ def _resolve_base(spec: Spec | SearchSpec, path: Path, profile: str | None, conf
 def plan_rows(spec: Spec, path: Path, profile: str | None, overrides: list[str], base: dict[str, Any]) -> Plan:
     """The rows of `spec` on a resolved base config -> Plan."""
     base_flat = flatten(base)
+    columns = active_columns(spec.columns, profile)
     rows, pending = [], []
     for i, row in enumerate(spec.rows):
         where = f"{path}: rows[{i}] ({row.name}).set"
+        paper, papers = paper_numbers(row.paper, profile, columns, spec.metric.name)
         try:
             cfg = _apply_and_validate(base, row.set, where)
         except SpecError as e:
             if not row.pending:
                 raise
-            pending.append(PendingRow(index=i, name=row.name, paper=row.paper, paper_std=row.paper_std,
-                                      reason=row.pending, error=str(e).removeprefix(one_line(where) + ": "), set=row.set))
+            pending.append(PendingRow(index=i, name=row.name, paper=paper, paper_std=row.paper_std,
+                                      reason=row.pending, error=str(e).removeprefix(one_line(where) + ": "), set=row.set,
+                                      papers=papers, compare_to=row.compare_to))
             continue
         flat = flatten(cfg)
         changes = {k: v for k, v in flat.items() if base_flat.get(k, object()) != v}
-        rows.append(Row(index=i, name=row.name, paper=row.paper, config=cfg, changes=changes,
-                        paper_std=row.paper_std))
+        rows.append(Row(index=i, name=row.name, paper=paper, config=cfg, changes=changes,
+                        paper_std=row.paper_std, papers=papers, compare_to=row.compare_to))
     if not rows:
         raise SpecError(f"{path}: rows: every row is pending; nothing to run")
     trials = [TrialSpec(row=r.name, row_index=r.index, seed=s, config={**r.config, "seed": s})
               for r in rows for s in spec.seeds]
     return Plan(spec=spec, path=path, profile=profile, overrides=overrides, base_config=base, rows=rows,
-                trials=trials, pending=pending)
+                trials=trials, pending=pending, columns=columns)
 
 
 # --------------------------------------------------------------------------- search specs and spaces

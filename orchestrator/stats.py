@@ -132,8 +132,10 @@ def pooled_sd(x, y) -> float:
     return float(math.sqrt((x.var(ddof=1) + y.var(ddof=1)) / 2))
 
 
-def row_statistics(values: list[np.ndarray], papers: list[float], mode: str = "max") -> dict[str, list[float]]:
-    """The statistics columns of an ablation table: per row, against the first row (the baseline).
+def row_statistics(values: list[np.ndarray], papers: list[float], mode: str = "max",
+                   refs: list[int] | None = None) -> dict[str, list[float]]:
+    """The statistics columns of an ablation table: per row, against its baseline: row refs[i] (default: the first
+    row for every row; a row that is its own reference is a baseline).
 
     values: per row, its seeds' metric values; papers: per row, the paper's number (NaN when absent).
     Returns columns ci_low, ci_high (bootstrap CI of the mean), delta_ci_low, delta_ci_high (CI of the difference
@@ -143,7 +145,7 @@ def row_statistics(values: list[np.ndarray], papers: list[float], mode: str = "m
     """
     from orchestrator.tables import welch_p   # the one Welch test of the table (ties decided by the means)
 
-    ref = values[0] if values else np.array([])
+    refs = [0] * len(values) if refs is None else refs
     out: dict[str, list[float]] = {k: [] for k in ("ci_low", "ci_high", "delta_ci_low", "delta_ci_high", "p_improve",
                                                    "p_holm", "seeds_needed")}
     welch = []
@@ -151,13 +153,14 @@ def row_statistics(values: list[np.ndarray], papers: list[float], mode: str = "m
         lo, hi = bootstrap_ci(v)
         out["ci_low"].append(lo)
         out["ci_high"].append(hi)
-        first = i == 0
-        dlo, dhi = (math.nan, math.nan) if first else bootstrap_delta_ci(v, ref)
+        ref = values[refs[i]]
+        baseline = refs[i] == i
+        dlo, dhi = (math.nan, math.nan) if baseline else bootstrap_delta_ci(v, ref)
         out["delta_ci_low"].append(dlo)
         out["delta_ci_high"].append(dhi)
-        out["p_improve"].append(math.nan if first else probability_of_improvement(v, ref, mode))
-        welch.append(math.nan if first else welch_p(v, ref))
-        paper_delta = papers[i] - papers[0] if papers else math.nan
-        out["seeds_needed"].append(math.nan if first else seeds_needed(paper_delta, pooled_sd(v, ref)))
+        out["p_improve"].append(math.nan if baseline else probability_of_improvement(v, ref, mode))
+        welch.append(math.nan if baseline else welch_p(v, ref))
+        paper_delta = papers[i] - papers[refs[i]] if papers else math.nan
+        out["seeds_needed"].append(math.nan if baseline else seeds_needed(paper_delta, pooled_sd(v, ref)))
     out["p_holm"] = list(holm(welch))
     return out

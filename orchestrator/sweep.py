@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import console, pending, preflight, report, results, tables, tracking
+from orchestrator import console, pending, preflight, report, results, table_plots, tables, tracking
 from orchestrator.localray import API_SERVER_ENV, DRIVER_RESOURCE, _restore_env, start_local_ray  # noqa: F401
 # RECORDERS: Tune experiments pickled before the recorder moved out of this module name it here
 from orchestrator.recorder import FAILED, OK, RECORDERS, Cell, SweepRecorder, as_tune_callback  # noqa: F401
@@ -67,7 +67,7 @@ def table_meta(plan: Plan, sweep_id: str) -> dict[str, Any]:
     """The spec facts a table needs, stored in the Parquet files' metadata (rlseg-table reads them back)."""
     s = plan.spec
     return {"spec": s.name, "title": s.title, "paper": s.paper, "metric": s.metric.name, "mode": s.metric.mode,
-            "seeds": s.seeds, "rows": plan.table_rows(), "sweep_id": sweep_id}
+            "seeds": s.seeds, "rows": plan.table_rows(), "columns": plan.columns, "sweep_id": sweep_id}
 
 
 def _trial_name(trial) -> str:
@@ -79,21 +79,28 @@ def _trial_name(trial) -> str:
 def render_tables(run_dir: Path, trials, epochs, meta: dict[str, Any]) -> tuple[Any, str, list[Path], list[Path]]:
     """table.md/.csv/.tex/.json, plots/*.png and report.html from Parquet data; returns (summary, markdown, files,
     plots), files ending with report.html."""
-    metric, rows = meta["metric"], meta["rows"]
-    summary = tables.summarize(trials, metric, rows, mode=meta.get("mode", "max"), epochs=epochs)
+    metric, rows, columns = meta["metric"], meta["rows"], meta.get("columns") or []
+    summary = tables.summarize(trials, metric, rows, mode=meta.get("mode", "max"), epochs=epochs, columns=columns)
     for line in tables.inert_warnings(summary):
         print(f"warning: {line}", flush=True)
     title = meta.get("title") or meta.get("spec")
     md = tables.render_markdown(summary, metric, title=title, notes=meta.get("notes"),
-                                reused=meta.get("reused") or None)
+                                reused=meta.get("reused") or None, columns=columns)
     files = [run_dir / "table.md", run_dir / "table.csv", run_dir / "table.tex"]
     results.write_atomic(files[0], md + "\n")
     results.write_atomic(files[1], tables.render_csv(summary))
-    results.write_atomic(files[2], tables.render_latex(summary, metric, caption=title) + "\n")
+    results.write_atomic(files[2], tables.render_latex(summary, metric, caption=title, columns=columns) + "\n")
     slug = re.sub(r"[^A-Za-z0-9]+", "_", metric).strip("_")
     plots = [run_dir / "plots" / f"curves_{slug}.png", run_dir / "plots" / f"bars_{slug}.png"]
-    tables.plot_curves(epochs, metric, rows, plots[0])
-    tables.plot_bars(summary, metric, plots[1])
+    table_plots.plot_curves(epochs, metric, rows, plots[0])
+    table_plots.plot_bars(summary, metric, plots[1])
+    for column in columns:      # one bar chart per further table column (its metric's mean ± std per row)
+        if column["metric"] == metric:
+            continue
+        path = run_dir / "plots" / f"bars_{re.sub(r'[^A-Za-z0-9]+', '_', column['name']).strip('_') or 'column'}.png"
+        table_plots.plot_bars(tables.column_view(summary, column["name"]), f"{column['name']} ({column['metric']})",
+                              path)
+        plots.append(path)
     results.write_atomic(run_dir / "table.json", report.table_json(summary))
     page, own = report.write_report(run_dir, summary, trials, epochs, meta, plots)
     return summary, md, files + [run_dir / "table.json", page], plots + own

@@ -287,7 +287,8 @@ class Sync:
         from orchestrator.tracking import log_results
 
         trials, _, meta = results.read_run(self.f.path)
-        summary = tables.summarize(trials, meta["metric"], meta["rows"], mode=meta.get("mode", "max"))
+        summary = tables.summarize(trials, meta["metric"], meta["rows"], mode=meta.get("mode", "max"),
+                                   columns=meta.get("columns"))
         files = [p for p in (self.f.path / n for n in ("table.md", "table.csv", "table.tex")) if p.is_file()]
         plots = sorted((self.f.path / "plots").glob("*.png"))
         present = {a.path for a in self.client.list_artifacts(parent.info.run_id)}

@@ -12,19 +12,18 @@ matched to spec rows by row name. A row whose seeds all failed is still listed, 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from orchestrator import stats as rowstats
+from orchestrator.columns import reference_indices
 
 STAT_COLUMNS = ["ci_low", "ci_high", "delta_ci_low", "delta_ci_high", "p_improve", "p_holm", "seeds_needed"]
 SUMMARY_COLUMNS = ["row", "n", "mean", "std", "delta", "p_welch", "paper", "paper_std", "failed", "pending",
-                   "rl_clipfrac", *STAT_COLUMNS, "rl_inert", "best"]
+                   "rl_clipfrac", *STAT_COLUMNS, "rl_inert", "best", "reference"]
 DASH = "—"
 CLIPFRAC = "rl/clipfrac"
 INERT_CLIPFRAC = 0.95      # a row's PPO term is inert when its clipfrac is at least this over its last half of epochs
@@ -70,35 +69,39 @@ def late_clipfrac(epochs: pd.DataFrame | None, name: str) -> float:
 
 
 def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "max",
-              epochs: pd.DataFrame | None = None) -> pd.DataFrame:
+              epochs: pd.DataFrame | None = None, columns: list[dict] | None = None) -> pd.DataFrame:
     """One line per spec row, in spec order.
 
     Columns: row, n (ok seeds with a value), mean, std (ddof=1; NaN when n < 2), delta (mean minus
-    the first row's mean; NaN for the first row), p_welch (Welch t-test vs the first row; NaN for the
-    first row or when either side has n < 2), paper and paper_std (NaN when absent), failed (failed
+    the reference row's mean: the row's `compare_to`, else the first row; NaN for a reference row), p_welch (Welch
+    t-test vs the reference row; NaN for a reference row or when either side has n < 2), paper and paper_std (NaN
+    when absent), failed (failed
     trials), pending (why a row could not run, "" for a row that could), rl_clipfrac (the row's PPO clip
     fraction over the last half of its epochs, from ``epochs``; NaN without), rl_inert (rl_clipfrac >=
     INERT_CLIPFRAC: nearly every ratio left [1 - eps, 1 + eps], so L_Policy's gradient was mostly off and the
     row trained on L_seg and the KL pull), best (True on the single row with the best mean; ``mode`` is "max"
-    or "min"), and orchestrator.stats.row_statistics's STAT_COLUMNS (ci_low ... seeds_needed).
+    or "min"), orchestrator.stats.row_statistics's STAT_COLUMNS (ci_low ... seeds_needed), reference (the row
+    compared with), and for each of the spec's `columns` ({name, metric}, orchestrator.columns) `<name>: mean`,
+    `<name>: std`, `<name>: delta` (vs the reference row) and `<name>: paper` (column_keys).
     """
     if mode not in ("max", "min"):
         raise ValueError(f"metric mode must be 'max' or 'min', got {mode!r}")
     values = [_ok_values(trials, metric, r["name"]) for r in rows]
-    ref = values[0] if values else np.array([])
-    ref_mean = ref.mean() if len(ref) else math.nan
+    refs = reference_indices(rows)
 
     lines = []
     for i, (spec_row, v) in enumerate(zip(rows, values)):
         mean = v.mean() if len(v) else math.nan
+        ref = values[refs[i]]
+        ref_mean = ref.mean() if len(ref) else math.nan
         paper, paper_std = spec_row.get("paper"), spec_row.get("paper_std")
         lines.append({
             "row": spec_row["name"],
             "n": len(v),
             "mean": mean,
             "std": v.std(ddof=1) if len(v) >= 2 else math.nan,
-            "delta": math.nan if i == 0 else mean - ref_mean,
-            "p_welch": math.nan if i == 0 else welch_p(v, ref),
+            "delta": math.nan if refs[i] == i else mean - ref_mean,
+            "p_welch": math.nan if refs[i] == i else welch_p(v, ref),
             "paper": math.nan if paper is None else float(paper),
             "paper_std": math.nan if paper_std is None else float(paper_std),
             "failed": int(((trials["row"] == spec_row["name"]) & (trials["status"] == "failed")).sum()),
@@ -109,7 +112,7 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
     summary = summary.astype({"row": object, "n": int, "failed": int,
                               "mean": float, "std": float, "delta": float, "p_welch": float, "paper": float,
                               "paper_std": float, "pending": object, "rl_clipfrac": float})
-    extra = rowstats.row_statistics(values, list(summary["paper"]), mode)
+    extra = rowstats.row_statistics(values, list(summary["paper"]), mode, refs=refs)
     for column in STAT_COLUMNS:
         summary[column] = np.asarray(extra[column], dtype=float) if len(summary) else np.array([], dtype=float)
     summary["rl_inert"] = summary["rl_clipfrac"].to_numpy() >= INERT_CLIPFRAC     # NaN compares False
@@ -119,7 +122,40 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
     if means.notna().any():
         best[(means.idxmax() if mode == "max" else means.idxmin())] = True
     summary["best"] = best
+    summary["reference"] = pd.Series([rows[j]["name"] for j in refs], dtype=object)
+    for column in columns or []:
+        per_row = [_ok_values(trials, column["metric"], r["name"]) for r in rows]
+        col_means = np.array([v.mean() if len(v) else math.nan for v in per_row])
+        keys = column_keys(column["name"])
+        summary[keys["mean"]] = col_means
+        summary[keys["std"]] = [v.std(ddof=1) if len(v) >= 2 else math.nan for v in per_row]
+        summary[keys["n"]] = [len(v) for v in per_row]
+        summary[keys["delta"]] = [math.nan if refs[i] == i else col_means[i] - col_means[refs[i]]
+                                  for i in range(len(rows))]
+        summary[keys["paper"]] = [float((r.get("papers") or {}).get(column["name"], math.nan)) for r in rows]
     return summary
+
+
+def column_view(summary: pd.DataFrame, name: str) -> pd.DataFrame:
+    """One spec column's statistics under the names the bar chart reads (mean, std, paper, best, row)."""
+    keys = column_keys(name)
+    view = pd.DataFrame({"row": summary["row"], "mean": summary[keys["mean"]], "std": summary[keys["std"]],
+                         "paper": summary[keys["paper"]]})
+    best = np.zeros(len(view), dtype=bool)
+    if view["mean"].notna().any():
+        best[view["mean"].idxmax()] = True
+    view["best"] = best
+    return view
+
+
+def column_keys(name: str) -> dict[str, str]:
+    """The summary's column names of one spec column: `<name>: mean`, `: std`, `: n`, `: delta`, `: paper`."""
+    return {stat: f"{name}: {stat}" for stat in ("mean", "std", "n", "delta", "paper")}
+
+
+def spec_columns(summary: pd.DataFrame) -> list[str]:
+    """The names of the spec columns a summary holds, in order."""
+    return [c[:-len(": mean")] for c in summary.columns if isinstance(c, str) and c.endswith(": mean")]
 
 
 def inert_warnings(summary: pd.DataFrame) -> list[str]:
@@ -158,40 +194,73 @@ def fmt_p(p: float) -> str:
 def fmt_paper(paper: float, std: float = math.nan) -> str:
     if not np.isfinite(paper):
         return DASH
-    return f"{paper:.1f}" + (f" ± {std:.2f}" if np.isfinite(std) else "")
+    # mIoU-like numbers as the papers print them (78.5); scores in [0, 1] (Seg-R1's S-measure .873) to 3 digits
+    text = f"{paper:.1f}" if abs(paper) >= 10 or paper == round(paper, 1) else f"{paper:.3g}"
+    return text + (f" ± {std:.2f}" if np.isfinite(std) else "")
 
 
 def _reference_name(summary: pd.DataFrame) -> str:
-    return str(summary["row"].iloc[0]) if len(summary) else "first row"
+    """The row every Δ is against, or "reference" when rows name their own (compare_to)."""
+    if not len(summary):
+        return "first row"
+    first = str(summary["row"].iloc[0])
+    if "reference" in summary and (summary["reference"].astype(str) != first).any():
+        return "reference"
+    return first
 
 
-def _row_label(line) -> str:
+def reference_note(summary: pd.DataFrame) -> str | None:
+    """'Δ and p against: B vs A, C vs A, E vs D' when rows name their references (compare_to)."""
+    if _reference_name(summary) != "reference":
+        return None
+    pairs = [f"{r} vs {ref}" for r, ref in zip(summary["row"], summary["reference"]) if r != ref]
+    return "Δ and p of each row against its reference row: " + ", ".join(pairs)
+
+
+def _row_label(rec: dict) -> str:
     """The row name, marked when its RL term was inert."""
-    return str(line.row) + (f" {INERT_MARK}" if getattr(line, "rl_inert", False) else "")
+    return str(rec["row"]) + (f" {INERT_MARK}" if rec.get("rl_inert", False) else "")
 
 
-def _cells(line) -> list[str]:
-    """The human-formatted cells of one summary line, in table column order after the row name."""
-    return [
-        str(int(line.n)),
-        fmt_mean_std(line.mean, line.std, int(line.n)),
-        fmt_delta(line.delta),
-        fmt_p(line.p_holm),
-        fmt_paper(line.paper, line.paper_std),
-        str(int(line.failed)),
-    ]
+def _layout(summary: pd.DataFrame, metric: str, columns: list[dict] | None) -> tuple[list[str], list[list[str]], int]:
+    """(header, the cells of each row after its name, the position of the spec metric's mean among the cells).
+
+    Without spec columns: n, the metric's mean ± std, Δ, p, paper, failed. With them: each column's mean ± std in
+    place of the metric's (the metric keeps its own column only if no spec column shows it), and one paper cell
+    "a / b / c" in column order."""
+    names = [c["name"] for c in columns or [] if f"{c['name']}: mean" in summary]
+    metric_column = next((c["name"] for c in columns or [] if c["metric"] == metric and c["name"] in names), None)
+    means = [f"{n} (mean ± std)" for n in names]
+    if metric_column is None:
+        means = [f"{metric} (mean ± std)"] + means
+    delta = f"Δ vs {_reference_name(summary)}" if metric_column is None else \
+        f"Δ {metric_column} vs {_reference_name(summary)}"
+    paper = "paper" if not names else "paper (" + " / ".join(([] if metric_column else [metric]) + names) + ")"
+    header = ["n", *means, delta, P_HEADER, paper, "failed"]
+    body = []
+    for rec in summary.to_dict("records"):
+        n = int(rec["n"])
+        own = [] if metric_column else [fmt_mean_std(rec["mean"], rec["std"], n)]
+        own += [fmt_mean_std(rec[f"{c}: mean"], rec[f"{c}: std"], int(rec[f"{c}: n"])) for c in names]
+        papers = [] if metric_column else [fmt_paper(rec["paper"], rec["paper_std"])]
+        papers += [fmt_paper(rec[f"{c}: paper"], rec["paper_std"] if c == metric_column else math.nan) for c in names]
+        body.append([str(n), *own, fmt_delta(rec["delta"]), fmt_p(rec["p_holm"]), " / ".join(papers),
+                     str(int(rec["failed"]))])
+    primary = 1 + (names.index(metric_column) if metric_column else 0)
+    return header, body, primary
 
 
 # --------------------------------------------------------------------------- renderers
 
 
 def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None,
-                    reused: int | None = None, notes: list[str] | None = None) -> str:
+                    reused: int | None = None, notes: list[str] | None = None,
+                    columns: list[dict] | None = None) -> str:
     """A GitHub pipe table, columns padded to equal width so it also reads well in a terminal; `notes` are
-    listed under it."""
-    header = ["row", "n", f"{metric} (mean ± std)", f"Δ vs {_reference_name(summary)}",
-              P_HEADER, "paper", "failed"]
-    body = [[_row_label(line)] + _cells(line) for line in summary.itertuples(index=False)]
+    listed under it. `columns`: the spec's table columns ({name, metric}; summarize's)."""
+    header, cells, _ = _layout(summary, metric, columns)
+    header = ["row", *header]
+    body = [[_row_label(rec)] + c for rec, c in zip(summary.to_dict("records"), cells)]
     header = [_escape_markdown(h) for h in header]
     body = [[_escape_markdown(c) for c in cells] for cells in body]
 
@@ -220,6 +289,8 @@ def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None
                     "(L_Policy's gradient mostly off)"]
     if len(summary) > 1:
         out += ["", _escape_markdown(stats_footnote(summary))]
+    if reference_note(summary):
+        out += ["", _escape_markdown(reference_note(summary))]
     if notes:
         out += [""] + [f"- {_escape_markdown(n)}" for n in notes]
     return "\n".join(out) + "\n"
@@ -239,8 +310,10 @@ def _escape_markdown(text: str) -> str:
 
 
 def render_csv(summary: pd.DataFrame) -> str:
-    """The summary as CSV: raw numbers at full precision (round-trips through pandas.read_csv)."""
-    return summary[SUMMARY_COLUMNS].to_csv(index=False, lineterminator="\n")
+    """The summary as CSV: raw numbers at full precision (round-trips through pandas.read_csv), the spec columns'
+    statistics after the fixed ones."""
+    extra = [c for c in summary.columns if c not in SUMMARY_COLUMNS]
+    return summary[SUMMARY_COLUMNS + extra].to_csv(index=False, lineterminator="\n")
 
 
 _LATEX_SPECIALS = {
@@ -266,128 +339,25 @@ def _latex_cell(text: str) -> str:
     return text
 
 
-def render_latex(summary: pd.DataFrame, metric: str, caption: str | None = None) -> str:
+def _latex_header(text: str) -> str:
+    return (latex_escape(text).replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+            .replace(P_HEADER, "$p$ (Welch, Holm)"))
+
+
+def render_latex(summary: pd.DataFrame, metric: str, caption: str | None = None,
+                 columns: list[dict] | None = None) -> str:
     """A booktabs tabular (wrapped in a table float when a caption is given); best mean in bold."""
-    header = ["Row", "$n$", f"{latex_escape(metric)} (mean $\\pm$ std)",
-              f"$\\Delta$ vs {latex_escape(_reference_name(summary))}", "$p$ (Welch, Holm)", "Paper", "Failed"]
+    header, body, primary = _layout(summary, metric, columns)
+    header = ["Row", "$n$"] + [(lambda t: t[0].upper() + t[1:])(_latex_header(h)) for h in header[1:]]
     out = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
            " & ".join(header) + r" \\", r"\midrule"]
-    for line in summary.itertuples(index=False):
-        cells = [_latex_cell(c) for c in _cells(line)]
-        if bool(line.best):
-            cells[1] = rf"\textbf{{{cells[1]}}}"
-        out.append(" & ".join([latex_escape(_row_label(line)).replace(INERT_MARK, r"$^\dagger$")] + cells) + r" \\")
+    for rec, row_cells in zip(summary.to_dict("records"), body):
+        cells = [" / ".join(_latex_cell(part) for part in c.split(" / ")) for c in row_cells]
+        if bool(rec["best"]):
+            cells[primary] = rf"\textbf{{{cells[primary]}}}"
+        out.append(" & ".join([latex_escape(_row_label(rec)).replace(INERT_MARK, r"$^\dagger$")] + cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     if caption:
         out = [r"\begin{table}[t]", r"\centering", *out,
                rf"\caption{{{latex_escape(caption)}}}", r"\end{table}"]
     return "\n".join(out) + "\n"
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-
-def save_figure(fig, path: str | os.PathLike) -> None:
-    """Save to a temporary file beside `path`, then rename: a reader never sees a half-written PNG."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def plot_curves(epochs: pd.DataFrame, metric: str, rows: list[dict], path: str | os.PathLike) -> None:
-    """Learning curve per spec row: mean over seeds vs epoch, shaded ±1 std where >= 2 seeds report."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    try:
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, spec_row in enumerate(rows):
-            color = colors[i % len(colors)]
-            name = spec_row["name"]
-            data = pd.DataFrame()
-            if metric in epochs.columns and len(epochs):
-                data = epochs.loc[epochs["row"] == name, ["epoch", metric]].dropna()
-            if data.empty:
-                ax.plot([], [], color=color, label=f"{name} (no data)")
-                continue
-            per_epoch = data.groupby("epoch")[metric].agg(["mean", "std"]).sort_index()
-            x = per_epoch.index.to_numpy(dtype=float)
-            mean, std = per_epoch["mean"].to_numpy(), per_epoch["std"].to_numpy()  # std NaN with 1 seed
-            ax.plot(x, mean, color=color, marker="o" if len(x) == 1 else None, label=name)
-            band = np.isfinite(std)
-            if band.any():
-                ax.fill_between(x, mean - std, mean + std, where=band, color=color, alpha=0.2,
-                                linewidth=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric}: mean over seeds ± 1 std")
-        ax.grid(True, alpha=0.3)
-        if rows:
-            ax.legend(fontsize="small")
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-
-
-def plot_bars(summary: pd.DataFrame, metric: str, path: str | os.PathLike) -> None:
-    """One bar per row: mean with ±1 std error bars, the paper's number as a marker where present."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(summary) + 2), 4.5))
-    try:
-        x = np.arange(len(summary))
-        mean = summary["mean"].to_numpy(dtype=float)
-        std = np.nan_to_num(summary["std"].to_numpy(dtype=float))
-        paper = summary["paper"].to_numpy(dtype=float)
-        has_mean, has_paper = np.isfinite(mean), np.isfinite(paper)
-        best = summary["best"].to_numpy(dtype=bool) if "best" in summary else np.zeros(len(x), bool)
-
-        ax.bar(x[has_mean], mean[has_mean], yerr=std[has_mean], capsize=4,
-               error_kw={"ecolor": "dimgray"}, color=np.where(best[has_mean], "tab:orange", "tab:blue"), label="ours (mean ± std)")
-        if has_paper.any():
-            ax.scatter(x[has_paper], paper[has_paper], marker="D", color="tab:red", edgecolor="white", zorder=3,
-                       label="paper")
-        for xi in x[~has_mean]:  # at the foot of the axes, whatever the y range
-            ax.text(xi, 0.02, "no data", transform=ax.get_xaxis_transform(), ha="center",
-                    fontsize="small", color="gray")
-
-        # Ablation rows differ by a point or two: zoom the y axis onto the numbers being compared.
-        ends = np.concatenate([(mean - std)[has_mean], (mean + std)[has_mean], paper[has_paper]])
-        if len(ends):
-            lo, hi = float(ends.min()), float(ends.max())
-            pad = 0.25 * (hi - lo) if hi > lo else max(1.0, 0.05 * abs(hi))
-            bottom = lo - pad
-            if lo >= 0 and bottom < 0:
-                bottom = 0.0
-            ax.set_ylim(bottom, hi + pad)
-
-        ax.set_xticks(x)
-        ax.set_xticklabels([str(r) for r in summary["row"]], rotation=20 if len(x) > 3 else 0,
-                           ha="right" if len(x) > 3 else "center")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per row")
-        ax.grid(True, axis="y", alpha=0.3)
-        if len(x):
-            ax.legend(fontsize="small")
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)

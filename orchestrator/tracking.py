@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator import console
+from orchestrator.tables import spec_columns
 from trainers.config import flatten
 
 MLFLOW_BATCH = 100  # params per log_batch call (MLflow's limit)
@@ -159,15 +160,23 @@ def log_results(client, run_id: str, summary, files: list[Path], plots: list[Pat
 def row_metric_prefix(index: int, row: str) -> str:
     """`row/<spec index>_<row name with what MLflow refuses in a metric name as _>`: the index keeps spec order in
     the UI's sorted lists and the name is the same in every run of a spec, so compare lines the rows up."""
-    return f"row/{index:02d}_" + (re.sub(r"[^\w.\-]+", "_", row).strip("_") or "row")
+    return f"row/{index:02d}_" + _metric_name_part(row, "row")
+
+
+def _metric_name_part(text: str, empty: str) -> str:
+    """`text` with what MLflow refuses in a metric name as _ (`empty` if nothing is left)."""
+    return re.sub(r"[^\w.\-]+", "_", text).strip("_") or empty
 
 
 def row_metrics(summary) -> dict[str, float]:
     """Each row's finite statistics (ROW_STATS) as `row/<NN_name>/<stat>` metrics for the parent run."""
     out = {}
+    # a spec column's mean and Δ (orchestrator.columns): `row/<NN_name>/<column>/mean`, `.../delta`
+    column_stats = [(f"{_metric_name_part(name, 'column')}/{stat}", f"{name}: {stat}")
+                    for name in spec_columns(summary) for stat in ("mean", "delta")]
     for index, rec in enumerate(summary.to_dict("records")):
-        for stat in ROW_STATS:
-            value = rec.get(stat)
+        for stat, key in [(s, s) for s in ROW_STATS] + column_stats:
+            value = rec.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 out[f"{row_metric_prefix(index, str(rec['row']))}/{stat}"] = float(value)
     return out

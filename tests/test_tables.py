@@ -11,10 +11,9 @@ from matplotlib.colors import to_rgba
 from matplotlib.container import BarContainer
 from scipy import stats
 
+from orchestrator.table_plots import plot_bars, plot_curves
 from orchestrator.tables import (
     SUMMARY_COLUMNS,
-    plot_bars,
-    plot_curves,
     render_csv,
     render_latex,
     render_markdown,
@@ -257,11 +256,11 @@ def assert_png(path):
 
 @pytest.fixture
 def figures(monkeypatch):
-    """The figures the plot functions save (orchestrator.tables.save_figure, still called), to read their data."""
-    import orchestrator.tables as tables
+    """The figures the plot functions save (orchestrator.table_plots.save_figure, still called), to read their data."""
+    import orchestrator.table_plots as table_plots
 
-    saved, save = [], tables.save_figure
-    monkeypatch.setattr(tables, "save_figure", lambda fig, path: (saved.append(fig), save(fig, path)))
+    saved, save = [], table_plots.save_figure
+    monkeypatch.setattr(table_plots, "save_figure", lambda fig, path: (saved.append(fig), save(fig, path)))
     return saved
 
 

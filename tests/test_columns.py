@@ -1,0 +1,159 @@
+"""Table columns beyond the spec metric, paper numbers per column and per profile, and compare_to
+(orchestrator.columns): validation, resolution, the summary's statistics, the renderers and the MLflow row metrics."""
+import io
+import math
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator.cli import sweep_main
+from orchestrator.spec import SpecError, resolve
+from orchestrator.tables import column_keys, render_csv, render_latex, render_markdown, summarize
+from orchestrator.tracking import row_metrics
+
+CONTINUAL = textwrap.dedent("""
+    name: cols
+    metric: {name: val/mIoU, mode: max}
+    seeds: [0, 1]
+    base: supervised
+    profiles:
+      paper: {schedule: {epochs: 2}}
+      other: {schedule: {epochs: 3}}
+    columns:
+      - {name: "0-4", metric: val/mIoU_old}
+      - {name: "5-7", metric: val/mIoU_new}
+      - {name: all, metric: val/mIoU}
+      - {name: night, metric: val/night/mIoU, profiles: [default]}
+      - {name: Dark Zurich, metric: val/dark_zurich/mIoU, profiles: [paper]}
+    rows:
+      - name: finetune A
+        paper: {"0-4": 10.0, "5-7": 20.0, all: 15.0}
+      - name: plop A
+        set: {schedule.lr: 0.002}
+        compare_to: finetune A
+        paper: {default: 1.5, paper: {"0-4": 76.2, all: 69.9}}
+      - name: finetune B
+        set: {schedule.lr: 0.003}
+        paper: 42.0
+      - name: plop B
+        set: {schedule.lr: 0.004}
+        compare_to: finetune B
+""")
+
+
+def test_columns_resolve_per_profile_with_their_paper_numbers(write_spec):
+    path = write_spec(CONTINUAL)
+    plan = resolve(path)
+    assert [c["name"] for c in plan.columns] == ["0-4", "5-7", "all", "night"]
+    rows = {r["name"]: r for r in plan.table_rows()}
+    assert rows["finetune A"]["papers"] == {"0-4": 10.0, "5-7": 20.0, "all": 15.0}
+    assert rows["finetune A"]["paper"] == 15.0                    # the spec metric's column
+    assert rows["plop A"]["paper"] == 1.5 and rows["plop A"]["papers"] == {"all": 1.5}   # the embedded key
+    assert rows["plop A"]["compare_to"] == "finetune A"
+    assert rows["finetune B"]["paper"] == 42.0 and rows["plop B"]["paper"] is None
+    paper = resolve(path, profile="paper")
+    assert [c["name"] for c in paper.columns] == ["0-4", "5-7", "all", "Dark Zurich"]
+    rows = {r["name"]: r for r in paper.table_rows()}
+    assert rows["plop A"]["papers"] == {"0-4": 76.2, "all": 69.9} and rows["plop A"]["paper"] == 69.9
+    other = {r["name"]: r for r in resolve(path, profile="other").table_rows()}
+    assert other["plop A"]["paper"] is None and other["plop A"]["papers"] == {}    # no number for that profile
+
+
+@pytest.mark.parametrize("change, expected", [
+    ('compare_to: finetune A', "rows[0] (finetune A).compare_to: expected the name of another row"),
+    ('compare_to: nobody', "rows[0] (finetune A).compare_to: expected the name of another row"),
+    ('paper: {"0-4": 1.0, paper: 2.0}', "rows[0] (finetune A).paper: key"),
+    ('paper: {bogus: 1.0}', "rows[0] (finetune A).paper: key 'bogus' is neither a column nor a profile"),
+    ('paper: {paper: {bogus: 1.0}}', "rows[0] (finetune A).paper.paper: no column 'bogus'"),
+])
+def test_bad_rows_are_one_line(write_spec, change, expected):
+    text = CONTINUAL.replace('paper: {"0-4": 10.0, "5-7": 20.0, all: 15.0}', change)
+    with pytest.raises(SpecError) as e:
+        resolve(write_spec(text))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("profiles: [nope]", "columns[0] (0-4).profiles: no profile 'nope'"),
+    ("profiles: []", "columns[0].profiles: List should have at least 1 item"),
+])
+def test_bad_columns_are_one_line(write_spec, change, expected):
+    text = CONTINUAL.replace('{name: "0-4", metric: val/mIoU_old}', '{name: "0-4", metric: val/mIoU_old, ' + change + '}')
+    with pytest.raises(SpecError) as e:
+        resolve(write_spec(text))
+    assert expected in str(e.value)
+    with pytest.raises(SpecError, match="names must be distinct"):
+        resolve(write_spec(CONTINUAL.replace('name: "5-7"', 'name: "0-4"')))
+
+
+def test_dry_run_shows_the_columns_and_paper_numbers(capsys, write_spec):
+    rc = sweep_main([str(write_spec(CONTINUAL)), "--dry-run", "--profile", "paper"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "columns: 0-4 = val/mIoU_old, 5-7 = val/mIoU_new, all = val/mIoU, Dark Zurich = val/dark_zurich/mIoU" in out
+    assert "paper (0-4 / 5-7 / all / Dark Zurich)" in out and "76.2 / — / 69.9 / —" in out
+
+
+# --------------------------------------------------------------------------- the summary and its renderers
+
+OLD = {"ft": [50.0, 52.0], "plop": [60.0, 64.0], "ft2": [40.0, 40.0], "plop2": [45.0, 47.0]}
+NEW = {"ft": [30.0, 31.0], "plop": [20.0, 22.0], "ft2": [10.0, 12.0], "plop2": [11.0, 11.0]}
+ALL = {k: [(o + n) / 2 for o, n in zip(OLD[k], NEW[k])] for k in OLD}
+COLUMNS = [{"name": "old", "metric": "val/mIoU_old"}, {"name": "new", "metric": "val/mIoU_new"},
+           {"name": "all", "metric": "val/mIoU"}]
+ROWS = [{"name": "ft", "paper": 40.0, "papers": {"old": 50.0, "all": 40.0}},
+        {"name": "plop", "paper": 42.0, "papers": {"all": 42.0}, "compare_to": "ft"},
+        {"name": "ft2", "paper": None, "papers": {}},
+        {"name": "plop2", "paper": None, "papers": {}, "compare_to": "ft2"}]
+
+
+def trials() -> pd.DataFrame:
+    records = []
+    for i, row in enumerate(OLD):
+        for seed in range(2):
+            records.append({"trial_id": f"{i}-{seed}", "row": row, "seed": seed, "status": "ok",
+                            "val/mIoU_old": OLD[row][seed], "val/mIoU_new": NEW[row][seed], "val/mIoU": ALL[row][seed]})
+    return pd.DataFrame(records)
+
+
+@pytest.fixture
+def summary():
+    return summarize(trials(), "val/mIoU", [dict(r, compare_to=r.get("compare_to")) for r in ROWS], columns=COLUMNS)
+
+
+def test_each_row_is_compared_with_its_reference(summary):
+    assert list(summary["reference"]) == ["ft", "ft", "ft2", "ft2"]
+    mean = {k: np.mean(v) for k, v in ALL.items()}
+    assert math.isnan(summary["delta"][0]) and math.isnan(summary["delta"][2])    # reference rows
+    assert summary["delta"][1] == pytest.approx(mean["plop"] - mean["ft"])
+    assert summary["delta"][3] == pytest.approx(mean["plop2"] - mean["ft2"])     # not against the first row
+    assert summary["p_welch"].notna().sum() == 2
+    old, new = column_keys("old"), column_keys("new")
+    assert summary[old["mean"]].tolist() == pytest.approx([51.0, 62.0, 40.0, 46.0])
+    assert summary[old["delta"]][3] == pytest.approx(6.0) and summary[new["delta"]][1] == pytest.approx(-9.5)
+    assert summary[old["std"]][0] == pytest.approx(np.std([50.0, 52.0], ddof=1))
+    assert summary[old["paper"]][0] == 50.0 and math.isnan(summary[old["paper"]][1])
+
+
+def test_renderers_show_each_column_once(summary):
+    md = render_markdown(summary, "val/mIoU", columns=COLUMNS)
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert header == ["row", "n", "old (mean ± std)", "new (mean ± std)", "all (mean ± std)", "Δ all vs reference",
+                      "p (Welch, Holm)", "paper (old / new / all)", "failed"]
+    ft = [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| ft ")).strip("|").split("|")]
+    assert ft[2] == "51.00 ± 1.41" and ft[-2] == "50.0 / — / 40.0"
+    assert "Δ and p of each row against its reference row: plop vs ft, plop2 vs ft2" in md
+    tex = render_latex(summary, "val/mIoU", columns=COLUMNS)
+    assert r"$\Delta$ all vs reference" in tex and r"Paper (old / new / all)" in tex
+    assert r"\textbf{" in next(l for l in tex.splitlines() if l.startswith("plop &"))   # the best all-mIoU mean
+    back = pd.read_csv(io.StringIO(render_csv(summary)))
+    assert "old: mean" in back.columns and back["all: delta"].iloc[1] == pytest.approx(summary["delta"][1])
+
+
+def test_mlflow_row_metrics_carry_each_column(summary):
+    metrics = row_metrics(summary)
+    assert metrics["row/00_ft/old/mean"] == pytest.approx(51.0)
+    assert metrics["row/01_plop/new/delta"] == pytest.approx(-9.5)
+    assert "row/00_ft/old/delta" not in metrics          # NaN for a reference row: not logged
