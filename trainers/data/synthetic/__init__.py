@@ -38,6 +38,7 @@ from trainers.data.synthetic.draw import _axes, _smooth_field  # noqa: F401  (tr
 from trainers.data.synthetic.render import _render_chw, render_scene
 from trainers.data.synthetic.scene import (BACKGROUND, CLAMPS, CLASPER, CLASSES, KIDNEY, NEEDLE, SHAFT,  # noqa: F401
                                            THREAD, WRIST)
+from trainers.data.synthetic.shift import apply_shift
 
 __all__ = [
     "CLASSES",
@@ -82,6 +83,8 @@ class SyntheticSurgical(torch.utils.data.Dataset):
     ``split="train"`` uses scene indices ``0 .. size-1``; ``split="val"`` uses
     ``VAL_INDEX_OFFSET + 0 .. size-1`` of the same seed, so the two streams never overlap.
     ``__getitem__`` returns ``(image float32 (3, H, W) normalised with MEAN/STD, mask int64 (H, W))``.
+    ``shift`` (trainers.config.ShiftConfig, data.shift): the same scenes in a shifted domain (shift.py), still
+    normalised with the training domain's MEAN/STD, as a deployed model would see them.
     """
 
     classes = CLASSES
@@ -90,7 +93,7 @@ class SyntheticSurgical(torch.utils.data.Dataset):
     palette = PALETTE
     splits = ("train", "val")
 
-    def __init__(self, split: str, size: int, image_size: int = 64, seed: int = 0):
+    def __init__(self, split: str, size: int, image_size: int = 64, seed: int = 0, shift=None):
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(map(repr, self.splits))}")
         if int(size) < 0:
@@ -99,12 +102,15 @@ class SyntheticSurgical(torch.utils.data.Dataset):
         self.size = int(size)
         self.image_size = int(image_size)
         self.seed = int(seed)
+        self.shift = shift
         offset = 0 if split == "train" else VAL_INDEX_OFFSET
         n, s = self.size, self.image_size
         images = np.empty((n, 3, s, s), dtype=np.uint8)
         masks = np.empty((n, s, s), dtype=np.uint8)
         for i in range(n):
             images[i], masks[i] = _render_chw(self.seed, offset + i, s)
+            if shift is not None:
+                images[i] = apply_shift(images[i], shift, self.seed, offset + i)
         self.images = torch.from_numpy(images)
         self.masks = torch.from_numpy(masks)
         self._mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
@@ -120,5 +126,6 @@ class SyntheticSurgical(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(split={self.split!r}, size={self.size}, "
-            f"image_size={self.image_size}, seed={self.seed})"
+            f"image_size={self.image_size}, seed={self.seed}"
+            + (f", shift={self.shift!r})" if self.shift is not None else ")")
         )
