@@ -1,6 +1,8 @@
 """Encoders f_enc: image (B, 3, H, W) -> latent z (B, d, h, w) (paper 002, Eq. 1).
 
-Each builder takes the ModelConfig and returns a module with an `out_channels` attribute.
+Each builder takes the ModelConfig and returns a module with an `out_channels` attribute. An encoder may also
+name its stages (`stage_modules()`: the modules whose outputs are its intermediate feature maps, shallow to deep),
+which PLOP's Local POD distils (trainers.continual.plop); `encoder_stages` falls back to the encoder itself.
 Architectures from timm are built by timm's own names; weights are a separate concern
 (`model.pretrained`: None for random init, a local checkpoint path, or a timm tag when online).
 """
@@ -38,6 +40,10 @@ class TinyCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def stage_modules(self) -> list[nn.Module]:
+        """The blocks ending each resolution: strides 2, 4 and 8 (the last one's output is z)."""
+        return [self.body[1], self.body[3], self.body[5]]
+
 
 @ENCODERS.register("tiny_cnn")
 def tiny_cnn(cfg) -> nn.Module:
@@ -64,6 +70,16 @@ class TimmFeatures(nn.Module):
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[stage 3 (B, aux_channels, H/8, W/8), stage 4 (B, out_channels, H/8, W/8)] at output stride 8."""
         return self.net(x)
+
+    def stage_modules(self) -> list[nn.Module]:
+        """The ResNet's four stages layer1..layer4 (PLOP's POD takes the output of each ResNet stage)."""
+        return [getattr(self.net, f"layer{i}") for i in range(1, 5) if hasattr(self.net, f"layer{i}")] or [self]
+
+
+def encoder_stages(encoder: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are `encoder`'s stages: its stage_modules(), else [encoder] (the latent z only)."""
+    stages = getattr(encoder, "stage_modules", None)
+    return list(stages()) if stages is not None else [encoder]
 
 
 # timm tags for `model.pretrained` that are not a file: the name online (downloads), e.g. "gluon_in1k"
