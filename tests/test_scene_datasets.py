@@ -284,3 +284,13 @@ def test_presets_resolve_as_paper_profiles_and_build_through_the_registry(roots,
             "schedule": {"epochs": 1, "batch_size": 2}}
     metrics = fit(tree)
     assert 0 <= metrics["val/mIoU"] <= 100 and "val/IoU/traffic light" in metrics
+
+
+def test_pipeline_keys_are_checked_and_rejected_where_no_loader_applies_them():
+    for key, value in (("crop_size", [16, 32]), ("keep_ratio", False), ("rotate", [0.6, 30])):
+        cfg = Config.model_validate({"data": {key: value, "val_size": 1, "image_size": 16}})
+        with pytest.raises(ValueError, match=f"^data.{key}: only the VOC loaders and the other SSSegmentation"):
+            build_dataset(cfg.data, "val")                   # synthetic_surgical would silently ignore it
+    for key, value in (("crop_size", [0, 32]), ("rotate", [1.5, 30]), ("rotate", [0.5, 0])):
+        with pytest.raises(ValueError, match=f"data.{key}"):
+            Config.model_validate({"data": {key: value}})
