@@ -92,7 +92,8 @@ class CIHP(_ListedParsing):
 
     def __init__(self, root, split: str, image_size: int = 473, size: int | None = None, **pipeline):
         super().__init__(split, image_size=image_size, size=size, **pipeline)
-        top = self.root = find_top(root, self.layout, ("instance-level_human_parsing",), ("Training", "Validation"))
+        top = self.root = find_top(root, self.layout, ("instance-level_human_parsing", "CIHP"),
+                                   ("Training", "Validation"))
         part = {"train": "Training", "val": "Validation"}[split]
         images = _first_existing(top, [top / part / "Images"], self.layout)
         masks = _first_existing(top, [top / part / "Category_ids"], self.layout)

@@ -102,7 +102,7 @@ class Cityscapes(FolderSegmentation):
 
     def __init__(self, root, split: str, image_size: int = 512, size: int | None = None, **pipeline):
         super().__init__(split, image_size=image_size, size=size, **pipeline)
-        self.root = find_top(root, self.layout, ("cityscapes",), ("leftImg8bit", "gtFine"))
+        self.root = find_top(root, self.layout, ("cityscapes", "CityScapes"), ("leftImg8bit", "gtFine"))
         images = require_dir(self.root, self.root / "leftImg8bit" / split, self.layout)
         masks = require_dir(self.root, self.root / "gtFine" / split, self.layout)
         files = self.first(_sorted_files(self.root, images, "*/*_leftImg8bit.png", self.layout))
