@@ -113,7 +113,11 @@ def sweep_main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from orchestrator.plan import render_plan, render_search_plan
 
-        print((render_search_plan if search else render_plan)(plan, max_concurrent=args.max_concurrent))
+        try:       # the rows' models are built (without weights) for the plan: one that does not build is bad input
+            print((render_search_plan if search else render_plan)(plan, max_concurrent=args.max_concurrent))
+        except SpecError as e:
+            print(f"rlseg-sweep: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if address:
             print(f"resources: checked against the cluster at {address} when the sweep joins it")
         return EXIT_OK

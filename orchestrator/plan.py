@@ -1,9 +1,12 @@
 """The trial matrix of a Plan, as `--dry-run` prints it."""
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 
-from orchestrator.spec import Plan, SearchPlan
+from orchestrator.spec import Plan, SearchPlan, SpecError
 from trainers.config import recipe_line
 
 
@@ -60,11 +63,50 @@ def render_plan(plan: Plan, max_concurrent: int | None = None) -> str:
     lines = _table(table)
     tail = [
         "",
+        *_model_lines(plan),
         *_base_lines(plan.base_config),
         f"max concurrent trials (local): {max_concurrent or default_max_concurrent(plan, os.cpu_count() or 1)}",
         "dry run: nothing started, nothing written",
     ]
     return "\n".join(head + lines + tail)
+
+
+def _model_lines(plan: Plan) -> list[str]:
+    """Each row's model built without weights on the meta device (trainers.methods.summary): its parameter counts.
+    A model that does not build is a SpecError naming the row. A dataset this machine cannot read (a cluster's, with
+    --address) leaves its rows' class count, and so their models, unknown here."""
+    from orchestrator.preflight import _Datasets, _DataProblem
+    from trainers.methods.summary import model_summary
+
+    datasets, built, lines = _Datasets(), {}, ["models (built without weights: parameters):"]
+    for r in plan.rows:
+        key = json.dumps({k: r.config[k] for k in ("data", "model", "method")}, sort_keys=True)
+        if key not in built:
+            try:
+                classes = datasets.get(r.config["data"])[1]()
+            except _DataProblem:
+                built[key] = "not built here (its dataset is read where the trials run)"
+            else:
+                try:
+                    with _quiet_loggers():
+                        built[key] = model_summary(r.config, len(classes))
+                except Exception as e:
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise SpecError(f"{plan.path}: rows[{r.index}] ({r.name}): the model does not build: "
+                                    f"{type(e).__name__}: {first}") from None
+        lines.append(f"  {r.name}: {built[key]}")
+    return lines + [""]
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    """Libraries' warnings while a model is built without weights ('No pretrained weights loaded') stay out of the
+    dry run: the missing weights are the point."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _base_lines(base: dict) -> list[str]:

@@ -15,6 +15,9 @@ class SegMethod(nn.Module):
     # what evaluation reports for a method: None = the segmentation metrics (val/mIoU, val/pixel_acc, val/IoU/<class>,
     # trainers.evaluation); a method with its own evaluate_own names its metrics here (the plan check reads them)
     VAL_METRICS: tuple[str, ...] | None = None
+    # why building this method needs files (a frozen model trained elsewhere), or None: the dry run builds it without
+    # weights on the meta device (trainers.methods.summary)
+    BUILT_FROM_FILES: str | None = None
 
     def __init__(self, cfg, num_classes: int, ignore_index: int, decoder_in_channels: Callable[[int], int] | None = None):
         super().__init__()

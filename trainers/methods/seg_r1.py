@@ -88,6 +88,7 @@ def repeat_embedding(emb, n: int):
 @register_method("seg_r1", SegR1Config)
 class SegR1(ForegroundMethod):
     VAL_METRICS = ForegroundMethod.VAL_METRICS + ("val/format_valid",)   # + the share of valid prompts
+    BUILT_FROM_FILES = "its frozen segmenter is read from a checkpoint"
 
     def __init__(self, cfg, num_classes: int, ignore_index: int):
         super().__init__(cfg, num_classes, ignore_index)

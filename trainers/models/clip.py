@@ -118,8 +118,8 @@ def register_tiny_config() -> None:
 def _create_clip(model_name: str, pretrained: str | None, allow_tags: bool):
     import open_clip
 
-    if pretrained is None:
-        return open_clip.create_model(model_name, pretrained=None)
+    if pretrained is None:   # on the default device (the dry run builds on "meta": open_clip would move it to cpu)
+        return open_clip.create_model(model_name, pretrained=None, device=torch.get_default_device())
     if os.path.isfile(pretrained):
         return open_clip.create_model(model_name, pretrained=pretrained)   # open_clip's local-file loader
     if os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
