@@ -65,7 +65,8 @@ class _SpecBase(_Strict):
     paper: str | None = None
     metric: MetricSpec = Field(default_factory=MetricSpec)
     base: str | dict[str, Any] = "supervised"
-    # a profile is a mapping of config keys, or the name of a preset holding one (shared by several specs)
+    # a profile is a mapping of config keys, or the name of a preset holding one (shared by several specs), or
+    # {preset: name, <config keys>}: that preset with these keys over it
     profiles: dict[str, dict[str, Any] | str] = Field(default_factory=dict)
 
 
@@ -315,6 +316,13 @@ def _resolve_base(spec: Spec | SearchSpec, path: Path, profile: str | None, conf
             known = ", ".join(sorted(spec.profiles)) or "none defined"
             raise SpecError(f"{path}: profiles: no profile {profile!r} (profiles: {known})")
         chosen = spec.profiles[profile]
+        if isinstance(chosen, dict) and "preset" in chosen:     # {preset: name, <config keys over it>}
+            chosen = copy.deepcopy(chosen)
+            name = chosen.pop("preset")
+            if not isinstance(name, str):
+                raise SpecError(f"{path}: profiles.{profile}.preset: expected a preset name, got {name!r}")
+            base = _apply_and_validate(base, load_preset(name, path, f"profiles.{profile}.preset"),
+                                       f"{path}: profiles.{profile} (preset {name!r})")
         if isinstance(chosen, str):
             base = _apply_and_validate(base, load_preset(chosen, path, f"profiles.{profile}"),
                                        f"{path}: profiles.{profile} (preset {chosen!r})")

@@ -157,3 +157,16 @@ def test_mlflow_row_metrics_carry_each_column(summary):
     assert metrics["row/00_ft/old/mean"] == pytest.approx(51.0)
     assert metrics["row/01_plop/new/delta"] == pytest.approx(-9.5)
     assert "row/00_ft/old/delta" not in metrics          # NaN for a reference row: not logged
+
+
+def test_a_profile_may_name_a_preset_and_set_keys_over_it(write_spec):
+    text = CONTINUAL.replace("other: {schedule: {epochs: 3}}",
+                             "other: {preset: smoke, schedule: {epochs: 3}, data: {val_size: 8}}")
+    cfg = resolve(write_spec(text), profile="other").base_config
+    smoke = resolve(write_spec(CONTINUAL.replace("other: {schedule: {epochs: 3}}", "other: smoke")),
+                    profile="other").base_config
+    assert cfg["schedule"]["epochs"] == 3 and cfg["data"]["val_size"] == 8
+    assert cfg["data"]["train_size"] == smoke["data"]["train_size"]          # the rest is the preset's
+    with pytest.raises(SpecError, match=r"profiles.other.preset: no preset 'nope'"):
+        resolve(write_spec(CONTINUAL.replace("other: {schedule: {epochs: 3}}", "other: {preset: nope}")),
+                profile="other")
