@@ -65,8 +65,8 @@ class _SpecBase(_Strict):
     paper: str | None = None
     metric: MetricSpec = Field(default_factory=MetricSpec)
     base: str | dict[str, Any] = "supervised"
-    # a profile is a mapping of config keys, or the name of a preset holding one (shared by several specs), or
-    # {preset: name, <config keys>}: that preset with these keys over it
+    # base and each profile: a mapping of config keys, or the name of a preset holding one (shared by several specs),
+    # or {preset: name, <config keys>}: that preset with these keys over it
     profiles: dict[str, dict[str, Any] | str] = Field(default_factory=dict)
 
 
@@ -306,29 +306,28 @@ def resolve(path: str | Path, profile: str | None = None, overrides: list[str] |
 
 def _resolve_base(spec: Spec | SearchSpec, path: Path, profile: str | None, config_pairs) -> dict[str, Any]:
     """base -> profile -> command-line overrides, validated at each step."""
-    if isinstance(spec.base, str):
-        tree, where = load_preset(spec.base, path), f"preset {spec.base!r} ({spec.base}.yaml)"
-    else:
-        tree, where = copy.deepcopy(spec.base), f"{path}: base"
-    base = _apply_and_validate(tree, {}, where)
+    base = _apply_layer({}, spec.base, path, "base")
     if profile is not None:
         if profile not in spec.profiles:
             known = ", ".join(sorted(spec.profiles)) or "none defined"
             raise SpecError(f"{path}: profiles: no profile {profile!r} (profiles: {known})")
-        chosen = spec.profiles[profile]
-        if isinstance(chosen, dict) and "preset" in chosen:     # {preset: name, <config keys over it>}
-            chosen = copy.deepcopy(chosen)
-            name = chosen.pop("preset")
-            if not isinstance(name, str):
-                raise SpecError(f"{path}: profiles.{profile}.preset: expected a preset name, got {name!r}")
-            base = _apply_and_validate(base, load_preset(name, path, f"profiles.{profile}.preset"),
-                                       f"{path}: profiles.{profile} (preset {name!r})")
-        if isinstance(chosen, str):
-            base = _apply_and_validate(base, load_preset(chosen, path, f"profiles.{profile}"),
-                                       f"{path}: profiles.{profile} (preset {chosen!r})")
-        else:
-            base = _apply_and_validate(base, chosen, f"{path}: profiles.{profile}")
+        base = _apply_layer(base, spec.profiles[profile], path, f"profiles.{profile}")
     return _apply_and_validate(base, config_pairs, "command line")
+
+
+def _apply_layer(tree: dict[str, Any], layer: str | dict[str, Any], path: Path, key: str) -> dict[str, Any]:
+    """`tree` with a base or profile over it, validated: a preset name, a mapping of config keys, or
+    {preset: name, <config keys over that preset>}."""
+    if isinstance(layer, dict) and "preset" in layer:
+        layer = copy.deepcopy(layer)
+        name = layer.pop("preset")
+        if not isinstance(name, str):
+            raise SpecError(f"{path}: {key}.preset: expected a preset name, got {name!r}")
+        tree = _apply_and_validate(tree, load_preset(name, path, f"{key}.preset"), f"{path}: {key} (preset {name!r})")
+    if isinstance(layer, str):
+        where = f"preset {layer!r} ({layer}.yaml)" if key == "base" else f"{path}: {key} (preset {layer!r})"
+        return _apply_and_validate(tree, load_preset(layer, path, key), where)
+    return _apply_and_validate(tree, layer, f"{path}: {key}")
 
 
 def plan_rows(spec: Spec, path: Path, profile: str | None, overrides: list[str], base: dict[str, Any]) -> Plan:

@@ -170,3 +170,5 @@ def test_a_profile_may_name_a_preset_and_set_keys_over_it(write_spec):
     with pytest.raises(SpecError, match=r"profiles.other.preset: no preset 'nope'"):
         resolve(write_spec(CONTINUAL.replace("other: {schedule: {epochs: 3}}", "other: {preset: nope}")),
                 profile="other")
+    base = resolve(write_spec(CONTINUAL.replace("base: supervised", "base: {preset: latent_rl, schedule: {epochs: 4}}")))
+    assert base.base_config["method"]["name"] == "latent_rl" and base.base_config["schedule"]["epochs"] == 4
