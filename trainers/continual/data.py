@@ -23,7 +23,7 @@ _PRESENCE: dict[str, torch.Tensor] = {}      # this process's memo, by cache key
 
 
 def _cache_key(dataset, split: str) -> str:
-    ids = getattr(dataset, "ids", None)
+    ids = getattr(dataset, "ids", None) or [str(pair) for pair in getattr(dataset, "samples", [])] or None
     parts = [type(dataset).__name__, str(getattr(dataset, "root", "")), split, str(len(dataset)),
              str(getattr(dataset, "seed", "")), str(getattr(dataset, "image_size", "")),
              hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest() if ids is not None else ""]

@@ -109,6 +109,10 @@ RECIPES = {
     ("ade", "100-10"): Recipe(60, 60, 0.001, 0.00001),
     ("ade", "100-5"): Recipe(60, 60, 0.001, 0.00001),
     ("ade", "50"): Recipe(60, 60, 0.001, 0.00001),
+    # embedded (ours, not PLOP's): sized for ablations/continual.yaml on 2 CPU cores with the supervised preset's
+    # schedule (AdamW 0.003, cosine, 128 scenes at 48 px): step 0 near its plateau, a few epochs per later step
+    ("synthetic", "5-3"): Recipe(8, 3, 0.01, 0.0005),
+    ("synthetic", "5-1"): Recipe(8, 2, 0.01, 0.0005),
 }
 DEFAULT_POD = (0.01, 0.0005)      # PLOP's VOC factors (--method PLOP), for tasks without a script
 
