@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.config import flatten
-from orchestrator.columns import (ColumnSpec, active_columns, check_columns, check_paper,  # noqa: F401
-                                  paper_numbers)
+from orchestrator.columns import (DEFAULT_PROFILE, ColumnSpec, active_columns, check_columns,  # noqa: F401
+                                  check_paper, paper_numbers)
 from trainers.overrides import OverrideError, apply_overrides, parse_assignments
 # re-exported: the rest of rlseg imports these from orchestrator.spec
 from orchestrator.space import DISTRIBUTIONS, SPACE_KEYS, SearchParam, find_space, load_space  # noqa: F401
@@ -47,6 +47,9 @@ class RowSpec(_Strict):
     paper_std: FiniteFloat | None = Field(None, ge=0)   # and its std over seeds, where the paper gives one
     note: str | None = None
     compare_to: str | None = Field(None, min_length=1)  # the row Δ and p are against (default: the first row)
+    # more overrides in one profile's runs, after `set` (`default`: the embedded run): the paper-scale model of a row
+    # whose embedded run uses a small stand-in ({paper: {model.encoder: mit_b1}})
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Why this row may not run yet (e.g. its backbone is not implemented). If its `set` does not resolve, the row
     # stays in the dry-run and the table (with the paper's number and the resolution error) and runs no trials;
     # once it resolves (the backbone landed) it is an ordinary row.
@@ -84,6 +87,10 @@ class Spec(_SpecBase):
         names = [r.name for r in self.rows]
         for i, row in enumerate(self.rows):
             check_paper(f"rows[{i}] ({row.name})", row.paper, self.columns, list(self.profiles))
+            unknown = sorted(set(row.profiles) - {DEFAULT_PROFILE, *self.profiles})
+            if unknown:
+                raise ValueError(f"rows[{i}] ({row.name}).profiles: no profile {unknown[0]!r} (expected one of: "
+                                 f"{', '.join(sorted({DEFAULT_PROFILE, *self.profiles}))})")
             if row.compare_to is not None and (row.compare_to not in names or row.compare_to == row.name):
                 raise ValueError(f"rows[{i}] ({row.name}).compare_to: expected the name of another row "
                                  f"({', '.join(n for n in names if n != row.name)}), got {row.compare_to!r}")
@@ -340,6 +347,9 @@ def plan_rows(spec: Spec, path: Path, profile: str | None, overrides: list[str],
         paper, papers = paper_numbers(row.paper, profile, columns, spec.metric.name)
         try:
             cfg = _apply_and_validate(base, row.set, where)
+            extra = row.profiles.get(profile or DEFAULT_PROFILE)
+            if extra:
+                cfg = _apply_and_validate(cfg, extra, f"{path}: rows[{i}] ({row.name}).profiles.{profile or DEFAULT_PROFILE}")
         except SpecError as e:
             if not row.pending:
                 raise

@@ -172,3 +172,17 @@ def test_a_profile_may_name_a_preset_and_set_keys_over_it(write_spec):
                 profile="other")
     base = resolve(write_spec(CONTINUAL.replace("base: supervised", "base: {preset: latent_rl, schedule: {epochs: 4}}")))
     assert base.base_config["method"]["name"] == "latent_rl" and base.base_config["schedule"]["epochs"] == 4
+
+
+def test_a_row_may_set_more_keys_in_one_profile(write_spec):
+    text = CONTINUAL.replace("    set: {schedule.lr: 0.003}\n",
+                             "    set: {schedule.lr: 0.003}\n    profiles: {paper: {schedule.lr: 0.3}, "
+                             "default: {schedule.epochs: 7}}\n")
+    assert text != CONTINUAL
+    rows = {r.name: r for r in resolve(write_spec(text)).rows}
+    assert rows["finetune B"].config["schedule"]["epochs"] == 7 and rows["finetune B"].config["schedule"]["lr"] == 0.003
+    paper = {r.name: r for r in resolve(write_spec(text), profile="paper").rows}
+    assert paper["finetune B"].config["schedule"]["lr"] == 0.3 and paper["finetune B"].changes["schedule.lr"] == 0.3
+    assert paper["plop B"].config["schedule"]["lr"] == 0.004                        # other rows untouched
+    with pytest.raises(SpecError, match=r"rows\[2\] \(finetune B\).profiles: no profile 'nope'"):
+        resolve(write_spec(text.replace("profiles: {paper:", "profiles: {nope:")))
