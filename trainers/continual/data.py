@@ -7,6 +7,9 @@ matrix per dataset split (`class_presence`), computed once:
     datasets on disk: one pass over the stored masks (`load_mask(i)`, else `load(i)[1]`: VOC, ADE20K), cached in
     $RLSEG_CACHE (default ~/.cache/rlseg)/continual/<hash of dataset, root, split, ids>.npy, as PLOP caches its
     per-step index lists (data/<dataset>/<task>/train-<step>.npy), and in this process for the later steps.
+
+ADE20K: the reduce-zero-label loader's void (255) becomes PLOP's background "other" (tasks.plop_space_lut); so does
+any padding its transforms mark 255 (PLOP's own ADE pipeline has no ignore label at all).
 """
 from __future__ import annotations
 
@@ -47,10 +50,10 @@ def class_presence(dataset, split: str) -> torch.Tensor:
     if path.is_file():
         present = torch.from_numpy(np.unpackbits(np.load(path), axis=1, count=256).astype(bool))
     else:
-        read = getattr(dataset, "load_mask", None) or (lambda i: dataset.load(i)[1])
         if not hasattr(dataset, "load_mask") and not hasattr(dataset, "load"):
             raise ValueError(f"continual.task: {type(dataset).__name__} exposes neither a `masks` tensor nor "
                              "load_mask(i) / load(i), so the step's images cannot be filtered by class")
+        read = getattr(dataset, "load_mask", None) or (lambda i: dataset.load(i)[1])
         present = torch.zeros(len(dataset), 256, dtype=torch.bool)
         for i in range(len(dataset)):         # one pass over the stored masks, then cached on disk
             present[i, torch.from_numpy(np.unique(np.asarray(read(i))).astype(np.int64))] = True

@@ -160,9 +160,10 @@ def student_state(method: nn.Module) -> dict[str, torch.Tensor]:
 # ---- the hooks ------------------------------------------------------------------------------------------------------
 
 class FeatureTap:
-    """Forward hooks that record, while armed, a method's encoder stage outputs, its decoder's pre-classifier
-    features (the input of `decoder.classifier`, where there is one) and its low-resolution logits (the decoder's
-    output): PLOP's attentions + pre_logits + sem_logits_small."""
+    """Forward hooks that record, while armed, a method's encoder stage outputs, its decoder's features before the
+    classifier (the output of `decoder.convs`, before the FCN head's dropout; else the input of
+    `decoder.classifier`; else none) and its low-resolution logits (the decoder's output): PLOP's attentions +
+    pre_logits + sem_logits_small."""
 
     def __init__(self, method: nn.Module):
         self.features: list[torch.Tensor] = []
@@ -170,8 +171,10 @@ class FeatureTap:
         seg = method.segmentor
         for m in encoder_stages(seg.encoder):
             m.register_forward_hook(self._output)
-        classifier = getattr(seg.decoder, "classifier", None)
-        if isinstance(classifier, nn.Module):
+        convs, classifier = getattr(seg.decoder, "convs", None), getattr(seg.decoder, "classifier", None)
+        if isinstance(convs, nn.Module):
+            convs.register_forward_hook(self._output)
+        elif isinstance(classifier, nn.Module):
             classifier.register_forward_pre_hook(self._input)
         seg.decoder.register_forward_hook(self._output)
 
@@ -261,6 +264,9 @@ class Distiller(nn.Module):
         loss_ce = (factor[:, None, None] * ce).mean()                           # PLOP: loss.mean() over all pixels
         factors = [self.pod_factor] * (len(new) - 1) + [self.pod_logits_factor]
         loss_pod = pod_loss(old, new, factors, self.num_old, self.schedule, self.scales)
+        if "loss_seg" not in out:
+            raise ValueError(f"continual.strategy: plop replaces L_seg (loss_seg), which method {method.cfg.name} "
+                             "does not report; use supervised or latent_rl")
         if getattr(method, "seg_phase", True):              # L_seg -> PLOP's classification loss
             out["loss"] = out["loss"] - out["loss_seg"] + method.cfg.seg_loss.ce * loss_ce
         out["loss"] = out["loss"] + loss_pod
