@@ -235,3 +235,29 @@ def test_finetune_sequence_runs():
     out = fit(cfg, lambda m, s: reports.append(m))
     assert [m["continual/step"] for m in reports] == [0, 1]
     assert "train/loss_pod" not in out and math.isfinite(out["val/mIoU_old"]) and math.isfinite(out["val/mIoU"])
+
+
+def test_class_sets_of_a_disk_dataset_are_read_once_and_cached(tmp_path, monkeypatch):
+    from trainers.continual import data as cdata
+    monkeypatch.setenv("RLSEG_CACHE", str(tmp_path))
+    monkeypatch.setattr(cdata, "_PRESENCE", {})
+
+    class OnDisk:      # the loader protocol of VOC / ADE20K: load(i) -> (image, stored mask)
+        classes, num_classes, ignore_index, root = tuple("abcdefgh"), 8, 255, "/data/x"
+        ids = ["i0", "i1", "i2"]
+        loads = 0
+
+        def __len__(self):
+            return 3
+
+        def load(self, i):
+            OnDisk.loads += 1
+            return None, np.array([[0, 5], [255, 5]] if i == 1 else [[0, 1], [2, 2]], dtype=np.uint8)
+
+    present = cdata.class_presence(OnDisk(), "train")
+    assert OnDisk.loads == 3 and present[1].nonzero().flatten().tolist() == [0, 5, 255]
+    monkeypatch.setattr(cdata, "_PRESENCE", {})            # a new process: the file cache answers
+    assert torch.equal(cdata.class_presence(OnDisk(), "train"), present) and OnDisk.loads == 3
+    step = steps_of("5-3", "synthetic_surgical")[1]
+    subset = cdata.step_dataset(OnDisk(), "train", step, "synthetic", overlap=True)
+    assert subset.indices == [1] and subset.classes == list("abcdefgh")
