@@ -57,7 +57,7 @@ def check_columns(columns: list[ColumnSpec] | None, metric: str, profiles: list[
 
 def check_paper(where: str, paper: PaperValue, columns: list[ColumnSpec] | None, profiles: list[str]) -> None:
     """ValueError for a paper mapping whose keys are neither all columns nor all profiles."""
-    if not isinstance(paper, dict):
+    if not isinstance(paper, dict) or not paper:      # {}: no number, like null
         return
     column_names = {c.name for c in columns or []}
     profile_names = {DEFAULT_PROFILE, *profiles}
