@@ -4,7 +4,7 @@ rows "Segformer MiT-B1 / MiT-B3" (trained with SSSegmentation's configs/segforme
 MixVisionTransformer follows NVlabs/SegFormer mmseg/models/backbones/mix_transformer.py module for module, so the
 official ImageNet checkpoints (mit_b1.pth, ...) load by their own key names (`patch_embed1.proj.weight`,
 `block1.0.attn.q.weight`, `block1.0.mlp.dwconv.dwconv.weight`, `norm1.weight`, ...; their ImageNet classifier
-`head.*` is dropped).
+`head.*` is dropped): `model.pretrained` is a local file, or `ssseg` for SSSegmentation's copy (downloads).
 
 Where the latent z sits. latent_rl acts on ONE map z (B, d, h, w) between encoder and decoder; MiT gives a pyramid of
 four (strides 4, 8, 16, 32). The SegFormer head is what makes the pyramid one map: each stage goes through its own
@@ -25,8 +25,9 @@ E (`model.decoder_channels`, default 256) is SSSegmentation's feats_channels: 25
 ADE20K and Cityscapes configs (the paper's numbers are those runs: B3 VOC 81.98); NVlabs' own B2-B5 head uses 768
 (set model.decoder_channels=768 for that).
 
-Encoders: mit_b0, mit_b1, mit_b3 (NVlabs sizes) and mit_tiny (the embedded default's size: 16-32-80-128 wide, one
-block per stage, E = 32: z (B, 128, 12, 12) at 48 px).
+Encoders: mit_b0, mit_b1, mit_b3 (NVlabs sizes) and, for the embedded rows, mit_tiny (16-32-80-128 wide, one block
+per stage, E = 32: z (B, 128, 12, 12) at 48 px; stands in for B1) and mit_tiny_deep (three blocks in stage 3, where
+B3 adds its depth; stands in for B3).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ MIT_ARCHS = {
     "mit_b1": dict(dims=(64, 128, 320, 512), depths=(2, 2, 2, 2), embed=256),
     "mit_b3": dict(dims=(64, 128, 320, 512), depths=(3, 4, 18, 3), embed=256),
     "mit_tiny": dict(dims=(16, 32, 80, 128), depths=(1, 1, 1, 1), embed=32),
+    "mit_tiny_deep": dict(dims=(16, 32, 80, 128), depths=(1, 1, 3, 1), embed=32),   # B3's extra depth at stage 3
 }
 
 
@@ -197,15 +199,25 @@ class SegFormerEncoder(nn.Module):
                           for conv, s in zip(self.convs, stages)], dim=1)
 
 
+# `model.pretrained: ssseg`: the ImageNet weights SSSegmentation's MiT loads (its DEFAULT_MODEL_URLS, NVlabs' layout)
+SSSEG_URLS = {arch: f"https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_segformer/{arch}.pth"
+              for arch in ("mit_b0", "mit_b1", "mit_b3")}
+
+
 def load_mit_weights(backbone: MixVisionTransformer, path: str, arch: str) -> None:
-    """Official MiT ImageNet weights (NVlabs mit_b*.pth layout) from a local file; their classifier head.* dropped.
-    Any other missing or unexpected key is an error."""
-    if not os.path.exists(path):
-        if os.sep in path or path.endswith(_CHECKPOINT_SUFFIXES):
-            raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")
-        raise ValueError(f"model.pretrained: {arch} loads a local checkpoint file (NVlabs' {arch}.pth layout), "
+    """Official MiT ImageNet weights (NVlabs mit_b*.pth layout) from a local file, or `ssseg` (SSSegmentation's copy,
+    downloaded: needs the network); their classifier head.* dropped. Any other missing or unexpected key is an error."""
+    if os.path.exists(path):
+        state = _read_state_dict(path)
+    elif path == "ssseg" and arch in SSSEG_URLS:
+        state = torch.hub.load_state_dict_from_url(SSSEG_URLS[arch], map_location="cpu")
+    elif os.sep in path or path.endswith(_CHECKPOINT_SUFFIXES):
+        raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")
+    else:
+        tag = " or 'ssseg' (downloads)" if arch in SSSEG_URLS else ""
+        raise ValueError(f"model.pretrained: {arch} loads a local checkpoint file (NVlabs' {arch}.pth layout){tag}, "
                          f"got {path!r}")
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("head.")}
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"model.pretrained: {path} does not hold {arch} weights in NVlabs' layout "

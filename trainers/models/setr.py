@@ -15,7 +15,8 @@ against. Those LayerNorms are head parameters (`head_prefixes`; they train at th
 three auxiliary heads on blocks 10, 15 and 20 (CE x 0.4 each); rlseg's segmentor carries one, on the last of them.
 
 `model.pretrained`: a local file of ImageNet ViT weights in timm's layout (a timm state dict or .safetensors, e.g.
-vit_large_patch16_384.augreg_in21k_ft_in1k); timm's own checkpoint filter resizes the positional embedding
+vit_large_patch16_384.augreg_in21k_ft_in1k), or `jx` for the ViT-L weights SSSegmentation uses (jx_vit_large_p16_384,
+downloads); timm's own checkpoint filter resizes the positional embedding
 (bicubic) to the crop's patch grid, the classifier and final norm are dropped.
 
 Decoders (SSSegmentation's SETRUP.builddecoder, num_classes from the dataset, 256 channels by default, no dropout):
@@ -40,6 +41,12 @@ VIT_ARCHS = {
     "vit_large_p16_768": ("vit_large_patch16_384", dict(img_size=768), (19, 23)),
     "vit_tiny_p8": ("vit_tiny_patch16_224", dict(img_size=48, patch_size=8, depth=4), (2, 3)),
 }
+
+
+# `model.pretrained: jx`: the ImageNet-21k -> 1k ViT-L/16 (384 px) weights SSSegmentation's SETR loads
+# (jx_vit_large_p16_384, timm's release of the original JAX weights; timm layout)
+JX_URLS = {"vit_large_patch16_384": "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
+                                    "jx_vit_large_p16_384-b3be5167.pth"}
 
 
 class ViTTokens(nn.Module):
@@ -77,11 +84,17 @@ def load_vit_weights(net: nn.Module, path: str, arch: str) -> None:
     the classifier (head.*) and the final norm (norm.*, SSSegmentation's final_norm False) dropped."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    if not os.path.exists(path):
-        if os.sep in path or path.endswith(_CHECKPOINT_SUFFIXES):
-            raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")
-        raise ValueError(f"model.pretrained: {arch} loads a local checkpoint file (timm's {arch} layout), got {path!r}")
-    state = checkpoint_filter_fn(_read_state_dict(path), net)
+    if os.path.exists(path):
+        state = _read_state_dict(path)
+    elif path == "jx" and arch in JX_URLS:
+        state = torch.hub.load_state_dict_from_url(JX_URLS[arch], map_location="cpu")
+    elif os.sep in path or path.endswith(_CHECKPOINT_SUFFIXES):
+        raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")
+    else:
+        tag = " or 'jx' (downloads)" if arch in JX_URLS else ""
+        raise ValueError(f"model.pretrained: {arch} loads a local checkpoint file (timm's {arch} layout){tag}, "
+                         f"got {path!r}")
+    state = checkpoint_filter_fn(state, net)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm.", "fc_norm."))}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
