@@ -6,6 +6,7 @@ key path and what was expected; nothing runs and nothing is written before all r
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -47,6 +48,16 @@ class RowSpec(_Strict):
     paper_std: FiniteFloat | None = Field(None, ge=0)   # and its std over seeds, where the paper gives one
     note: str | None = None
     compare_to: str | None = Field(None, min_length=1)  # the row Δ and p are against (default: the first row)
+    @field_validator("paper", mode="before")
+    @classmethod
+    def _finite_paper(cls, v: Any) -> Any:
+        # checked before the union, so the message names rows[i].paper, not the union's member
+        values = [v] if not isinstance(v, dict) else [x for x in v.values() if not isinstance(x, dict)] + [
+            y for x in v.values() if isinstance(x, dict) for y in x.values()]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            raise ValueError("Input should be a finite number")
+        return v
+
     # more overrides in one profile's runs, after `set` (`default`: the embedded run): the paper-scale model of a row
     # whose embedded run uses a small stand-in ({paper: {model.encoder: mit_b1}})
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
