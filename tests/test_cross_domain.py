@@ -16,11 +16,14 @@ from trainers.config import Config, ShiftConfig
 from trainers.data import build_dataset
 from trainers.data.foreground import SyntheticForeground
 from trainers.data.humans import CIHP_CLASSES, LIP_CLASSES
+from trainers.data.scenes import CITYSCAPES_CLASSES
 from trainers.data.synthetic import MEAN, VAL_INDEX_OFFSET, SyntheticSurgical, render_scene
 from trainers.data.synthetic.shift import apply_shift
 from trainers.evaluation import class_mapping
 from trainers.loop import fit
 from trainers.methods import build_method
+
+from test_scene_datasets import roots  # noqa: F401  (the release-layout fixture folders)
 
 NIGHT = {"low_light": 0.8, "noise": 0.8}
 TRIAL = ["background-tissue", "kidney-parenchyma", "instrument-shaft"]
@@ -160,8 +163,8 @@ def test_preflight_knows_the_metrics_of_the_eval_sets():
 
 
 def test_cross_domain_spec_profiles_are_the_presets_plus_their_target_sets(repo):
-    """ablations/cross_domain.yaml writes out the latent_rl preset (base) and the paper presets (profiles) because a
-    profile cannot name a preset and add keys: they must stay those presets, eval.datasets aside."""
+    """ablations/cross_domain.yaml: each profile is its preset (latent_rl for the embedded run) with only its target
+    sets added, the embedded sets dropped, and a target set's root reachable from the command line."""
     spec = repo / "ablations" / "cross_domain.yaml"
     latent_rl = _apply_and_validate(load_preset("latent_rl", spec), {}, "latent_rl")
 
@@ -180,3 +183,26 @@ def test_cross_domain_spec_profiles_are_the_presets_plus_their_target_sets(repo)
     # CIHP by value: its Torso-skin scored as LIP's Jumpsuits, all 20 classes shared
     _, shared = class_mapping(list(CIHP_CLASSES), list(LIP_CLASSES), {"Torso-skin": "Jumpsuits"}, 255, 255, "cihp")
     assert shared == list(range(20))
+
+
+def test_table4_sets_on_their_release_layouts(roots):
+    """The paper profiles' path on fixture folders (tests/test_scene_datasets.py): a Cityscapes model scored on Dark
+    Zurich and Nighttime Driving (the 19 classes by name, original-size masks one image per batch), a LIP model on
+    CIHP by value (class_map) and by name (Torso-skin has no LIP counterpart: 19 classes)."""
+    def run(name, data, sets):
+        return fit({"method": "supervised", "schedule": {"epochs": 1, "batch_size": 2}, "eval": {"datasets": sets},
+                    "data": {"name": name, "root": str(roots[name]), "image_size": 16, "train_size": None,
+                             "val_size": None, **data}})
+
+    def ious(metrics, label):
+        return [k.split("/")[-1] for k in metrics if k.startswith(f"val/{label}/IoU/")]
+
+    m = run("cityscapes", {"crop_size": [16, 32], "resize": [64, 32], "val_resize": [64, 32]},
+            {s: {"name": s, "root": str(roots[s])} for s in ("dark_zurich", "nighttime_driving")})
+    assert ious(m, "dark_zurich") == ious(m, "nighttime_driving") == list(CITYSCAPES_CLASSES)
+    assert all(0 <= m[f"val/{s}/mIoU"] <= 100 for s in ("dark_zurich", "nighttime_driving"))
+    m = run("lip", {"resize": [20, 20], "keep_ratio": False, "val_resize": [20, 20]},
+            {"cihp": {"name": "cihp", "root": str(roots["cihp"]), "class_map": {"Torso-skin": "Jumpsuits"}},
+             "cihp_by_name": {"name": "cihp", "root": str(roots["cihp"])}})
+    assert ious(m, "cihp") == list(LIP_CLASSES)
+    assert ious(m, "cihp_by_name") == [c for c in LIP_CLASSES if c != "Jumpsuits"]
