@@ -77,6 +77,7 @@ def test_eval_set_config_errors_name_the_key():
         {"night": {"shift": {"noise": 2}}})
     assert "eval.datasets: method seg_r1 reports its own validation metrics" in error(
         {"night": {}}, method="seg_r1", data={"name": "synthetic_cod"})
+    assert "eval.datasets: a continual task sequence" in error({"night": {}}, continual={"task": "5-3"})
     # keys left out are the trial's, resolved late: a data.* override after the set was written still reaches it
     cfg = Config.model_validate({"eval": {"datasets": {"night": {"shift": NIGHT}}}, "data": {"val_size": 7}})
     again = Config.model_validate({**cfg.model_dump(mode="json"), "data": {"val_size": 5, "image_size": 32}})
