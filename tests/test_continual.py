@@ -207,7 +207,7 @@ def test_sequence_reports_steps_and_old_new(plop_run):
     assert [m["epoch"] for m, _ in reports] == list(range(1, 8))          # 1 + 2 + 2 + 2 epochs, one counter
     assert [m["continual/step"] for m, _ in reports] == [0, 1, 1, 2, 2, 3, 3]
     for t, i in ((0, 0), (1, 2), (2, 4), (3, 6)):                           # each step's last epoch
-        assert f"continual/step_{t}/mIoU_old" in reports[i][0]
+        assert f"val/step_{t}/mIoU_old" in reports[i][0]
     assert "val/mIoU_new" in final and "val/mIoU_old" in final and final == reports[-1][0]
     assert "train/loss_pod" in reports[1][0] and "train/loss_pod" not in reports[0][0]
     state = reports[-1][1]

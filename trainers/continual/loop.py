@@ -11,9 +11,9 @@
 
 Reports once per epoch with a global epoch counter, `continual/step`, val/mIoU (all seen classes), val/mIoU_old
 (step 0's classes, PLOP's "0-15") and val/mIoU_new (the later steps' classes); a step's last epoch adds
-continual/step_<t>/mIoU_old|new|all. Checkpoints carry the global epoch; the model state holds the teacher and the
-thresholds, so a trial resumes mid-sequence: inside a step, or at a step boundary (the finished step's model is
-rebuilt and the next step starts as it would have).
+val/step_<t>/mIoU_old|mIoU_new|mIoU (under val/, which the sweep's recorder and MLflow keep). Checkpoints carry the
+global epoch; the model state holds the teacher and the thresholds, so a trial resumes mid-sequence: inside a step,
+or at a step boundary (the finished step's model is rebuilt and the next step starts as it would have).
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def _run_step(cfg, rt, report, steps, t, prev, base, epochs, ends, state, start_
             metrics.update(evaluate_sets(model, eval_sets, names, rt, cfg.eval, accel))
             metrics.update(old_new_miou(metrics, names, n_first))
             if last:
-                metrics.update({f"continual/step_{t}/{k.split('/')[-1]}": metrics[k]
+                metrics.update({f"val/step_{t}/{k.split('/')[-1]}": metrics[k]
                                 for k in ("val/mIoU_old", "val/mIoU_new", "val/mIoU") if k in metrics})
         new_state = {"epoch": epoch, "model": model.checkpoint_state(), "optimizer": optimizer.state_dict(),
                      "lr_schedule": lr_schedule.state_dict(), "rng": rng_state(rt.device),

@@ -272,6 +272,6 @@ class Distiller(nn.Module):
         out["loss"] = out["loss"] + loss_pod
         out["loss_seg"] = loss_ce.detach()
         out["loss_pod"] = loss_pod.detach()
-        out["plop/adaptive_factor"] = self._factor.mean()
+        out["plop_adaptive_factor"] = self._factor.mean()
         self._old, self._factor = [], None
         return out
