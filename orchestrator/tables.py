@@ -226,8 +226,9 @@ def _layout(summary: pd.DataFrame, metric: str, columns: list[dict] | None) -> t
     """(header, the cells of each row after its name, the position of the spec metric's mean among the cells).
 
     Without spec columns: n, the metric's mean ± std, Δ, p, paper, failed. With them: each column's mean ± std in
-    place of the metric's (the metric keeps its own column only if no spec column shows it), and one paper cell
-    "a / b / c" in column order."""
+    place of the metric's (the metric keeps its own column only if no spec column shows it), the other columns' Δ
+    against the row's reference in parentheses as the papers print gains ("19.29 ± 1.63 (+1.76)"), and one paper
+    cell "a / b / c" in column order."""
     names = [c["name"] for c in columns or [] if f"{c['name']}: mean" in summary]
     metric_column = next((c["name"] for c in columns or [] if c["metric"] == metric and c["name"] in names), None)
     means = [f"{n} (mean ± std)" for n in names]
@@ -241,7 +242,9 @@ def _layout(summary: pd.DataFrame, metric: str, columns: list[dict] | None) -> t
     for rec in summary.to_dict("records"):
         n = int(rec["n"])
         own = [] if metric_column else [fmt_mean_std(rec["mean"], rec["std"], n)]
-        own += [fmt_mean_std(rec[f"{c}: mean"], rec[f"{c}: std"], int(rec[f"{c}: n"])) for c in names]
+        own += [fmt_mean_std(rec[f"{c}: mean"], rec[f"{c}: std"], int(rec[f"{c}: n"]))
+                + ("" if c == metric_column or not np.isfinite(rec[f"{c}: delta"]) else f" ({fmt_delta(rec[f'{c}: delta'])})")
+                for c in names]
         papers = [] if metric_column else [fmt_paper(rec["paper"], rec["paper_std"])]
         papers += [fmt_paper(rec[f"{c}: paper"], rec["paper_std"] if c == metric_column else math.nan) for c in names]
         body.append([str(n), *own, fmt_delta(rec["delta"]), fmt_p(rec["p_holm"]), " / ".join(papers),

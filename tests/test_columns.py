@@ -144,6 +144,9 @@ def test_renderers_show_each_column_once(summary):
                       "p (Welch, Holm)", "paper (old / new / all)", "failed"]
     ft = [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| ft ")).strip("|").split("|")]
     assert ft[2] == "51.00 ± 1.41" and ft[-2] == "50.0 / — / 40.0"
+    plop2 = [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| plop2 ")).strip("|").split("|")]
+    assert plop2[2] == "46.00 ± 1.41 (+6.00)" and plop2[3] == "11.00 ± 0.00 (+0.00)"   # each column's Δ vs its reference
+    assert plop2[4] == "28.50 ± 0.71"                           # the spec metric's Δ has its own column
     assert "Δ and p of each row against its reference row: plop vs ft, plop2 vs ft2" in md
     tex = render_latex(summary, "val/mIoU", columns=COLUMNS)
     assert r"$\Delta$ all vs reference" in tex and r"Paper (old / new / all)" in tex
