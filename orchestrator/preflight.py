@@ -215,21 +215,25 @@ def check_batch(where: str, config: dict[str, Any], n_train: int | None) -> None
                         f"({share} images per rank / schedule.batch_size {bs})")
 
 
-def reported_val_metrics(classes: list[str], method: str | None = None) -> list[str]:
+def reported_val_metrics(classes: list[str], method: str | None = None, eval_labels=()) -> list[str]:
     """What trainers.evaluation reports at each evaluation: the method's own metrics where it names them
-    (SegMethod.VAL_METRICS), else the segmentation ones for these classes."""
+    (SegMethod.VAL_METRICS), else the segmentation ones for these classes, and for each set of eval.datasets
+    (eval_labels) the same under val/<label>/ (its per-class IoUs name the trial classes it shares)."""
     if method is not None:
         from trainers.registry import METHODS
 
         own = METHODS.get(method).build.VAL_METRICS
         if own is not None:
             return list(own)
-    return ["val/mIoU", "val/pixel_acc"] + [f"val/IoU/{c}" for c in classes]
+    own_set = ["mIoU", "pixel_acc"] + [f"IoU/{c}" for c in classes]
+    return [f"val/{m}" for m in own_set] + [f"val/{label}/{m}" for label in eval_labels for m in own_set]
 
 
-def check_metric(where: str, metric: str, class_names, data_name: str, method: str | None = None) -> None:
-    """A val/ metric must be one evaluation reports for this dataset and method. (train/ metrics are the method's
-    step outputs, which no method declares ahead of training, so they are not checked here.)"""
+def check_metric(where: str, metric: str, class_names, data_name: str, method: str | None = None,
+                 eval_labels=()) -> None:
+    """A val/ metric must be one evaluation reports for this dataset, method and eval.datasets labels (eval_labels).
+    (train/ metrics are the method's step outputs, which no method declares ahead of training, so they are not
+    checked here.)"""
     if not metric.startswith("val/"):
         return
     from trainers.registry import METHODS
@@ -239,12 +243,14 @@ def check_metric(where: str, metric: str, class_names, data_name: str, method: s
             raise SpecError(f"{where}: metric.name: no trial reports {metric!r} (method {method} reports "
                             f"{', '.join(reported_val_metrics([], method))})")
         return
-    if metric in reported_val_metrics([]):
+    if metric in reported_val_metrics([], eval_labels=eval_labels):
         return
     classes = class_names()
-    if metric not in reported_val_metrics(classes):
+    if metric not in reported_val_metrics(classes, eval_labels=eval_labels):
+        sets = f"; and the same under val/<label>/ for eval.datasets {', '.join(eval_labels)}" if eval_labels else ""
         raise SpecError(f"{where}: metric.name: no trial reports {metric!r} (evaluation reports val/mIoU, "
-                        f"val/pixel_acc and val/IoU/<class> for the classes of {data_name}: {', '.join(classes)})")
+                        f"val/pixel_acc and val/IoU/<class> for the classes of {data_name}: {', '.join(classes)}"
+                        f"{sets})")
 
 
 # --------------------------------------------------------------------------- the search scheduler, MLflow
@@ -258,10 +264,17 @@ def check_scheduler(plan: SearchPlan) -> None:
         raise SpecError(f"{plan.path}: scheduler.grace_period: {sched.grace_period} is more than schedule.epochs = "
                         f"{plan.epochs} (ASHA's max_t: the epochs of a search trial); expected grace_period <= "
                         f"{plan.epochs}, or scheduler: none")
+    import optuna
+
     from orchestrator.search import make_scheduler, make_searcher
 
     make_scheduler(plan)
-    make_searcher(plan)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)    # "A new study created in memory": not the check's output
+    try:
+        make_searcher(plan)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def check_tracking(results_root: Path) -> None:
@@ -304,8 +317,9 @@ def check_plan(plan: Plan | SearchPlan, *, results_root: Path, address: str | No
             # the trials read data and weights on the cluster's nodes, not here: a dataset's layout and weight files
             # are checked when its trials start there; the metric too, unless it names a class (unknown here)
             on_disk_elsewhere = True
-            if not metric.startswith("val/IoU/"):
-                check_metric(f"{plan.path}", metric, lambda: [], config["data"]["name"], config["method"]["name"])
+            if "/IoU/" not in metric:     # val/IoU/<class>, val/<label>/IoU/<class>
+                check_metric(f"{plan.path}", metric, lambda: [], config["data"]["name"], config["method"]["name"],
+                             list(config["eval"]["datasets"]))
             continue
         try:
             n_train, class_names = datasets.get(config["data"])
@@ -313,7 +327,8 @@ def check_plan(plan: Plan | SearchPlan, *, results_root: Path, address: str | No
             raise SpecError(f"{where}: {e}") from None
         check_pretrained(where, config)
         check_batch(where, config, n_train)
-        check_metric(f"{plan.path}", metric, class_names, config["data"]["name"], config["method"]["name"])
+        check_metric(f"{plan.path}", metric, class_names, config["data"]["name"], config["method"]["name"],
+                     list(config["eval"]["datasets"]))
     if isinstance(plan, SearchPlan):
         check_scheduler(plan)
     if not address:

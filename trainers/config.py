@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from trainers.registry import DATASETS, DECODERS, ENCODERS, METHODS, load_all
 
@@ -21,6 +21,14 @@ def _registered(registry, value: str) -> str:
     load_all()
     registry.get(value)  # raises UnknownName listing the known names
     return value
+
+
+class ShiftConfig(Strict):
+    """data.shift: the generated scenes seen through another camera (trainers/data/synthetic/shift.py), for
+    cross-domain evaluation (eval.datasets). Each term is a strength in [0, 1], 0 = off."""
+    low_light: float = Field(0.0, ge=0, le=1)    # darkening: gamma up to 3, exposure down to 0.4 (Lv et al. 2021)
+    noise: float = Field(0.0, ge=0, le=1)        # Poissonian-Gaussian sensor noise, shot + read (Foi et al. 2008)
+    color_cast: float = Field(0.0, ge=0, le=1)   # white-balance error toward a cool illuminant
 
 
 class DataConfig(Strict):
@@ -49,11 +57,35 @@ class DataConfig(Strict):
     # resized mask). (long, short): SSSegmentation's test Resize((2048, 512), keep_ratio=True), no padding; the
     # logits are resampled to the original size and scored against the original mask (trainers.evaluation).
     val_resize: tuple[int, int] | None = None
+    # The train crop (h, w) of the folder datasets (Cityscapes: [512, 1024], SSSegmentation's cityscapes_512x1024);
+    # None: image_size x image_size. The val pad without val_resize fits the same box.
+    crop_size: tuple[int, int] | None = None
+    # SSSegmentation's Resize keep_ratio for data.resize and data.val_resize: false resizes to the target itself,
+    # its longer side along the image's (LIP / CIHP: Resize((520, 520), keep_ratio=False), test (473, 473)).
+    keep_ratio: bool = True
+    # SSSegmentation's RandomRotation (prob, angle_upper): rotate the crop by randint(-angle, angle) degrees with
+    # probability prob (LIP / CIHP: (0.6, 30)); None: no rotation.
+    rotate: tuple[float, int] | None = None
+    shift: ShiftConfig | None = None   # a shifted domain of the generated synthetic_surgical scenes (ShiftConfig)
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         return _registered(DATASETS, v)
+
+    @field_validator("crop_size")
+    @classmethod
+    def _positive_crop(cls, v):
+        if v is not None and min(v) < 1:
+            raise ValueError(f"expected [h, w] of positive sizes, got {list(v)}")
+        return v
+
+    @field_validator("rotate")
+    @classmethod
+    def _rotation(cls, v):
+        if v is not None and not (0 <= v[0] <= 1 and v[1] >= 1):
+            raise ValueError(f"expected [prob in 0..1, angle_upper >= 1 degree], got {list(v)}")
+        return v
 
 
 class AuxHeadConfig(Strict):
@@ -111,6 +143,18 @@ class ScheduleConfig(Strict):
     momentum: float = Field(0.9, ge=0, le=1)      # sgd only
     lr_schedule: Literal["constant", "poly", "cosine"] = "poly"
     poly_power: float = Field(0.9, gt=0)
+    # The schedule ends at lr * min_lr_ratio (SSSegmentation PolyScheduler min_lr: lr * 0.01 when unset, as in its FCN
+    # and SETR configs; SegFormer 0). Linear warm-up over warmup_iters steps from warmup_ratio * lr (its warmup_cfg;
+    # SegFormer: 1500 iters, ratio 1e-6). trainers/optim.py has the formulas.
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_iters: int = Field(0, ge=0)
+    warmup_ratio: float = Field(1e-6, gt=0, le=1)
+    # SSSegmentation params_rules (trainers/optim.py): lr multipliers of the encoder's backbone and of the head
+    # (decoder, aux head, the encoder's head parts); weight decay of the backbone's norm layers (None: weight_decay).
+    # SegFormer: head_lr_mult 10, norm_weight_decay 0. SETR: backbone_lr_mult 0.1.
+    backbone_lr_mult: float = Field(1.0, gt=0)
+    head_lr_mult: float = Field(1.0, gt=0)
+    norm_weight_decay: float | None = Field(None, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1)
     # Mixed precision of the train step (trainers.accel): bf16 / fp16 autocast; fp16 adds a GradScaler. The
@@ -167,16 +211,53 @@ class FaultConfig(Strict):
     rank: int = Field(0, ge=0)
 
 
+# words of the val/ metric names that a label of eval.datasets would collide with
+RESERVED_EVAL_LABELS = ("IoU", "mIoU", "pixel_acc", "aAcc")
+
+
+class EvalSetConfig(BaseModel):
+    """One extra evaluation set (eval.datasets.<label>): data keys (DataConfig's) over the trial's own data config,
+    e.g. {shift: {low_light: 0.7}} (the trial's val scenes in another domain) or {name: dark_zurich, root: /data/dz}.
+    Keys left out are the trial's, resolved when the set is built (eval_set_data), so a later data.* override
+    reaches them. Its classes are matched to the trial's by name; class_map renames ({its name: trial's name})."""
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    class_map: dict[str, str] = Field(default_factory=dict)
+
+    def data_keys(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class EvalConfig(Strict):
     """How validation predicts (trainers.evaluation), named after SSSegmentation's `inference` config:
     tta.multiscale -> scales, tta.flip -> flip, forward.mode/cropsize/stride -> mode/crop_size/stride.
-    Logits of every scale and flip are resampled to the mask's size and averaged before the argmax."""
+    Logits of every scale and flip are resampled to the mask's size and averaged before the argmax.
+    datasets: extra evaluation sets by label (cross-domain, paper 002 Table 4), each evaluated with this same
+    protocol at every evaluation: val/<label>/mIoU, val/<label>/pixel_acc, val/<label>/IoU/<class>."""
     scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     flip: bool = False
     mode: Literal["whole", "slide"] = "whole"
     crop_size: tuple[int, int] | None = None    # slide: (h, w) window (e.g. Cityscapes 512x1024 crops)
     stride: tuple[int, int] | None = None       # slide: (h, w) step between windows
     batch_size: int | None = Field(None, ge=1)  # None: schedule.batch_size; data.val_resize forces 1 (sizes vary)
+    datasets: dict[str, EvalSetConfig] = Field(default_factory=dict)
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _dropped(cls, v: Any) -> Any:
+        # `<label>: null` drops a set given earlier (a spec profile or the command line over its base)
+        return {k: s for k, s in v.items() if s is not None} if isinstance(v, dict) else v
+
+    @field_validator("datasets")
+    @classmethod
+    def _labels(cls, v: dict[str, EvalSetConfig]) -> dict[str, EvalSetConfig]:
+        for label in v:
+            if not label.isidentifier() or not label.isascii():
+                raise ValueError(f"label {label!r}: a label names metrics (val/<label>/mIoU): expected an "
+                                 "identifier (letters, digits, _)")
+            if label.lower() in {w.lower() for w in RESERVED_EVAL_LABELS}:
+                raise ValueError(f"label {label!r} is a word of the val/ metric names "
+                                 f"({', '.join(RESERVED_EVAL_LABELS)}); choose another label")
+        return v
 
     @field_validator("scales")
     @classmethod
@@ -192,6 +273,38 @@ class EvalConfig(Strict):
         return self
 
 
+class PLOPConfig(Strict):
+    """PLOP's loss weights (trainers/continual/plop.py; its argparser --method PLOP and scripts). None: the task's
+    own value (VOC: pod 0.01, logits 0.0005; ADE20K: 0.001, 1e-5; embedded tasks: VOC's)."""
+    pod_factor: float | None = Field(None, ge=0)          # Local POD on the encoder stages and decoder features
+    pod_logits_factor: float | None = Field(None, ge=0)   # Local POD on the low-resolution logits (pod_logits)
+    pod_schedule: bool = True                             # times sqrt(classes so far / new classes)
+    spp_scales: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    threshold: float = Field(0.001, ge=0)                 # floor of the per-class median entropy (--threshold)
+    bins: int = Field(100, ge=2)                          # of find_median's entropy histogram
+    adaptive_factor: bool = True                          # classif_adaptive_factor
+
+
+class ContinualConfig(Strict):
+    """Continual semantic segmentation (paper 002 Table 3, the PLOP protocol; trainers/continual/): one trial runs a
+    whole task sequence, each step from the previous step's model with a grown classifier. `method` stays each
+    step's learner, so PLOP + Latent-Space RL is method latent_rl with strategy plop."""
+    # null: off. A task name of the dataset's family (VOC 15-5, 15-1 (PLOP's 15-5s), 10-1, 19-1; ADE20K 100-50,
+    # 100-10, 100-5, 50; synthetic 5-3, 5-1), or {data.name: task} so one spec row names a task per dataset
+    task: str | dict[str, str] | None = None
+    setting: Literal["disjoint", "overlap"] = "overlap"   # PLOP's scripts all pass --overlap
+    strategy: Literal["finetune", "plop"] = "finetune"
+    # epochs of step 0 and of each later step; None: the task's PLOP script (VOC 30 / 30, 10-1 30 / 10; ADE20K
+    # 60 / 60), else schedule.epochs
+    epochs_first: int | None = Field(None, ge=1)
+    epochs_later: int | None = Field(None, ge=1)
+    lr_later: float | None = Field(None, gt=0)   # lr of the later steps; None: schedule.lr x the task's scale (PLOP's
+    # scripts: / 10, 0.01 then 0.001; embedded tasks: x 1, trainers/continual/tasks.py RECIPES)
+    # the new classes' classifier rows: mib (PLOP's init_balanced), random (the fresh model's), auto: mib with plop
+    classifier_init: Literal["auto", "mib", "random"] = "auto"
+    plop: PLOPConfig = Field(default_factory=PLOPConfig)
+
+
 class DebugConfig(Strict):
     """Test-only hooks; the defaults change nothing."""
     fault: FaultConfig = Field(default_factory=FaultConfig)
@@ -205,6 +318,7 @@ class Config(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @field_validator("method", mode="before")
@@ -228,6 +342,39 @@ class Config(Strict):
             raise ValueError(f"debug.fault.rank: {f.rank} but there are only {max(self.resources.workers, 1)} "
                              "rank(s) (resources.workers)")
         return self
+
+    @model_validator(mode="after")
+    def _eval_sets_resolve(self) -> "Config":
+        if self.eval.datasets and METHODS.get(self.method.name).build.VAL_METRICS is not None:
+            raise ValueError(f"eval.datasets: method {self.method.name} reports its own validation metrics; extra "
+                             "evaluation sets are scored as segmentation (mIoU)")
+        if self.eval.datasets and self.continual.task is not None:
+            raise ValueError("eval.datasets: a continual task sequence (continual.task) scores its own steps only; "
+                             "extra evaluation sets are not evaluated there")
+        for label in self.eval.datasets:
+            self.eval_set_data(label)     # each set's data keys form a valid data config
+        return self
+
+    @model_validator(mode="after")
+    def _continual_task_fits_data(self) -> "Config":
+        if self.continual.task is not None:
+            from trainers.continual.tasks import task_name
+            task_name(self.continual.task, self.data.name)     # ValueError naming continual.task
+        return self
+
+    def eval_set_data(self, label: str) -> DataConfig:
+        """The data config of eval.datasets.<label>: its own keys over the trial's data config."""
+        keys = self.eval.datasets[label].data_keys()
+        unknown = sorted(set(keys) - set(DataConfig.model_fields))
+        if unknown:
+            raise ValueError(f"eval.datasets.{label}.{unknown[0]}: not a data key (expected class_map or one of "
+                             f"{', '.join(DataConfig.model_fields)})")
+        try:
+            return DataConfig.model_validate({**self.data.model_dump(), **keys})
+        except ValidationError as e:
+            err = e.errors()[0]
+            path = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"eval.datasets.{label}.{path}: {err['msg']}") from None
 
 
 def _method_config(v: dict) -> MethodConfig:
@@ -264,8 +411,11 @@ def recipe_line(tree: dict) -> str:
         parts.append("SyncBN")
     if d.photometric:
         parts.append("photometric")
-    crop = f"crop {d.image_size}" + (f" cat_max_ratio {d.cat_max_ratio:g}" if d.cat_max_ratio else "")
+    crop = (f"crop {d.crop_size[0]}x{d.crop_size[1]}" if d.crop_size else f"crop {d.image_size}") + (f" cat_max_ratio {d.cat_max_ratio:g}" if d.cat_max_ratio else "")
     resize = f"resize {tuple(d.resize)}" if d.resize else f"short side {d.image_size}"
+    resize += "" if d.keep_ratio else " keep_ratio false"
+    if d.rotate:
+        parts.append(f"rotate p {d.rotate[0]:g} +-{d.rotate[1]}")
     parts.append(f"{crop}, {resize} x {list(d.scale_range)}")
     val = f"val_resize {tuple(d.val_resize)}" if d.val_resize else "val as the dataset's"
     flip = " flip" if e.flip else ""

@@ -34,7 +34,7 @@ from trainers.checkpoint import (CHECKPOINT_FILE, DIVERGED, DIVERGED_FILE, LIST_
 from trainers.config import Config
 from trainers.data import build_dataset
 from trainers.accel import Accel, loader_kwargs, prepare_model
-from trainers.evaluation import ShardSampler, build_val_loader, evaluate  # noqa: F401
+from trainers.evaluation import ShardSampler, build_eval_sets, build_val_loader, evaluate, evaluate_sets  # noqa: F401
 from trainers.methods import build_method
 from trainers.optim import build_lr_schedule, build_optimizer  # noqa: F401
 from trainers.runtime import RayTrainRuntime, Runtime  # noqa: F401
@@ -90,6 +90,9 @@ def train_worker(config: dict) -> None:
 
 
 def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict[str, float]:
+    if cfg.continual.task is not None:     # one trial = one continual task sequence (paper 002 Table 3)
+        from trainers.continual.loop import train_continual
+        return train_continual(cfg, rt, report, state)
     seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     train_set = build_dataset(cfg.data, "train")
@@ -103,6 +106,7 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
     train_loader = DataLoader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
                               **loader_kwargs(cfg.data, rt.device))
     val_loader = build_val_loader(val_set, cfg, rt)
+    eval_sets = build_eval_sets(cfg, train_set.classes, train_set.ignore_index, rt)   # eval.datasets: other domains
     if len(train_loader) == 0:
         raise ValueError(f"schedule.batch_size {bs} is larger than a rank's share of data.train_size")
     optimizer = build_optimizer(cfg.schedule, model)
@@ -139,6 +143,7 @@ def _train(cfg: Config, rt: Runtime, report: Report, state: dict | None) -> dict
             raise TrainingDiverged(f"training loss became {metrics['train/loss']} in epoch {epoch + 1}")
         if (epoch + 1) % cfg.schedule.eval_every == 0 or epoch + 1 == cfg.schedule.epochs:
             metrics.update(evaluate(model, val_loader, class_names, rt, cfg.eval, accel))
+            metrics.update(evaluate_sets(model, eval_sets, class_names, rt, cfg.eval, accel))
         state = {"epoch": epoch + 1, "model": model.checkpoint_state(), "optimizer": optimizer.state_dict(),
                  "lr_schedule": lr_schedule.state_dict(), "rng": rng_state(rt.device),
                  "grad_scaler": accel.state_dict()}

@@ -5,15 +5,26 @@ from __future__ import annotations
 from trainers.registry import DATASETS
 
 
-# the SSSegmentation pipeline keys only the VOC loaders read; elsewhere they would be silently ignored
-VOC_ONLY = ("resize", "cat_max_ratio", "photometric", "val_resize")
+# the SSSegmentation pipeline keys only the folder datasets read (trainers/data/folder.py: VOC, ADE20K, Cityscapes,
+# the night-time sets, LIP, CIHP); elsewhere they would be silently ignored
+VOC_ONLY = ("resize", "cat_max_ratio", "photometric", "val_resize", "crop_size", "rotate")
+PIPELINE_DATASETS = ("voc2012_aug", "voc2012", "ade20k", "cityscapes", "dark_zurich", "nighttime_driving", "lip", "cihp")
 
 
 def _no_voc_keys(cfg) -> None:
     set_keys = [k for k in VOC_ONLY if getattr(cfg, k) not in (None, False)]
+    if not cfg.keep_ratio:
+        set_keys.append("keep_ratio")
     if set_keys:
-        raise ValueError(f"data.{set_keys[0]}: only the VOC loaders (voc2012_aug, voc2012) apply it, "
-                         f"not data.name={cfg.name}")
+        raise ValueError(f"data.{set_keys[0]}: only the VOC loaders and the other SSSegmentation-pipeline datasets "
+                         f"({', '.join(PIPELINE_DATASETS)}) apply it, not data.name={cfg.name}")
+
+
+def _pipeline(cfg) -> dict:
+    """SSSegmentation's pipeline keys of a data config, as FolderSegmentation takes them."""
+    return dict(resize=cfg.resize, scale_range=cfg.scale_range, cat_max_ratio=cfg.cat_max_ratio,
+                photometric=cfg.photometric, val_resize=cfg.val_resize, crop_size=cfg.crop_size,
+                keep_ratio=cfg.keep_ratio, rotate=cfg.rotate)
 
 
 @DATASETS.register("synthetic_surgical")
@@ -23,16 +34,14 @@ def synthetic_surgical(cfg, split: str):
     _no_voc_keys(cfg)
     size = cfg.train_size if split == "train" else cfg.val_size
     return SyntheticSurgical(split, size=size or (512 if split == "train" else 128),
-                             image_size=cfg.image_size, seed=cfg.seed)
+                             image_size=cfg.image_size, seed=cfg.seed, shift=cfg.shift)
 
 
 def _voc2012(cfg, split: str, aug: bool):
     from trainers.data.voc import VOCSegmentation
 
     size = cfg.train_size if split == "train" else cfg.val_size
-    return VOCSegmentation(cfg.root, split, image_size=cfg.image_size, size=size, aug=aug, resize=cfg.resize,
-                           scale_range=cfg.scale_range, cat_max_ratio=cfg.cat_max_ratio,
-                           photometric=cfg.photometric, val_resize=cfg.val_resize)
+    return VOCSegmentation(cfg.root, split, image_size=cfg.image_size, size=size, aug=aug, **_pipeline(cfg))
 
 
 @DATASETS.register("voc2012_aug")
@@ -45,6 +54,53 @@ def voc2012_aug(cfg, split: str):
 def voc2012(cfg, split: str):
     """PASCAL VOC 2012: train = train (1,464 ids), val = val (1,449)."""
     return _voc2012(cfg, split, aug=False)
+
+
+def _folder(cls, cfg, split: str):
+    size = cfg.train_size if split == "train" else cfg.val_size
+    return cls(cfg.root, split, image_size=cfg.image_size, size=size, **_pipeline(cfg))
+
+
+@DATASETS.register("ade20k")
+def ade20k(cfg, split: str):
+    """ADE20K SceneParsing (150 classes, reduce_zero_label): train = training (20,210), val = validation (2,000)."""
+    from trainers.data.scenes import ADE20K
+    return _folder(ADE20K, cfg, split)
+
+
+@DATASETS.register("cityscapes")
+def cityscapes(cfg, split: str):
+    """Cityscapes gtFine, 19 train ids: train (2,975), val (500)."""
+    from trainers.data.scenes import Cityscapes
+    return _folder(Cityscapes, cfg, split)
+
+
+@DATASETS.register("dark_zurich")
+def dark_zurich(cfg, split: str):
+    """Dark Zurich val (50 night images, Cityscapes train ids): an evaluation set, split val only."""
+    from trainers.data.scenes import DarkZurich
+    return _folder(DarkZurich, cfg, split)
+
+
+@DATASETS.register("nighttime_driving")
+def nighttime_driving(cfg, split: str):
+    """Nighttime Driving test (50 night images, coarse Cityscapes train ids): an evaluation set, read as split val."""
+    from trainers.data.scenes import NighttimeDriving
+    return _folder(NighttimeDriving, cfg, split)
+
+
+@DATASETS.register("lip")
+def lip(cfg, split: str):
+    """LIP single-person parsing (20 classes): train (30,462), val (10,000)."""
+    from trainers.data.humans import LIP
+    return _folder(LIP, cfg, split)
+
+
+@DATASETS.register("cihp")
+def cihp(cfg, split: str):
+    """CIHP multi-person parsing, its 20 part classes: train = Training (28,280), val = Validation (5,000)."""
+    from trainers.data.humans import CIHP
+    return _folder(CIHP, cfg, split)
 
 
 @DATASETS.register("endovis2018")
@@ -110,4 +166,6 @@ def duts(cfg, split: str):
 
 
 def build_dataset(cfg, split: str):
+    if cfg.shift is not None and cfg.name != "synthetic_surgical":   # rendered in trainers/data/synthetic/shift.py
+        raise ValueError(f"data.shift: only the generated synthetic_surgical scenes apply it, not data.name={cfg.name}")
     return DATASETS.get(cfg.name)(cfg, split)
