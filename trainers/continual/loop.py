@@ -5,7 +5,7 @@
         model     t = 0: the method with the step's classes; t > 0: the same method with a classifier grown by the
                   step's classes (old rows kept, new ones PLOP's init or random), the step t-1 model frozen as
                   the teacher (strategy plop: trainers.continual.plop.Distiller, thresholds from one teacher pass)
-        optimizer a fresh one per step (PLOP's run_step), lr = schedule.lr at t = 0, continual.lr_later after
+        optimizer a fresh one per step (PLOP's run_step), lr = schedule.lr at t = 0, then later_lr (PLOP: / 10)
         epochs    continual.epochs_first / epochs_later, each trained by trainers.loop.train_one_epoch and scored by
                   trainers.evaluation.evaluate on the step's test images (every seen class; unseen ones background)
 
@@ -41,6 +41,12 @@ def step_epochs(cfg) -> list[int]:
     first = c.epochs_first or (r.epochs_first if r else cfg.schedule.epochs)
     later = c.epochs_later or (r.epochs_later if r else cfg.schedule.epochs)
     return [first] + [later] * (len(steps) - 1)
+
+
+def later_lr(cfg) -> float:
+    """The lr of steps t >= 1: continual.lr_later, else schedule.lr times the task's scale (PLOP: 1/10)."""
+    r = recipe(cfg.continual.task, cfg.data.name)
+    return cfg.continual.lr_later or cfg.schedule.lr * (r.lr_later_scale if r else 0.1)
 
 
 def total_epochs(cfg) -> int:
@@ -134,7 +140,7 @@ def _run_step(cfg, rt, report, steps, t, prev, base, epochs, ends, state, start_
                          f"{len(train_set)} training images (continual.task {cfg.continual.task})")
     val_loader = build_val_loader(val_set, cfg, rt)
     eval_sets = build_eval_sets(cfg, val_set.classes, ignore, rt)
-    lr = cfg.schedule.lr if t == 0 else (cfg.continual.lr_later or cfg.schedule.lr / 10)
+    lr = cfg.schedule.lr if t == 0 else later_lr(cfg)
     schedule = cfg.schedule.model_copy(update={"lr": lr})
     optimizer = build_optimizer(schedule, model)
     n_epochs, begin = epochs[t], ends[t] - epochs[t]
