@@ -19,6 +19,7 @@ from orchestrator.spec import Plan, SearchPlan, SpecError
 # Datasets generated in memory from (seed, index): their length is their configured size (data.train_size), and
 # building one renders every image, so only a one-image copy is built (for its class names).
 GENERATED = ("synthetic_surgical", "synthetic_cod", "synthetic_sod")
+SMALL = {"train_size": 1, "val_size": 1, "image_size": 16}    # a generated dataset's copy that renders fast
 # Resource names as Ray counts them, from resources.* of a config.
 CPU, GPU = "CPU", "GPU"
 
@@ -175,7 +176,7 @@ class _Datasets:
 
         cfg = DataConfig.model_validate(data)
         if cfg.name in GENERATED:
-            small = cfg.model_copy(update={"train_size": 1, "val_size": 1, "image_size": 16})
+            small = cfg.model_copy(update=SMALL)
             return cfg.train_size, lambda: list(build_dataset(small, "val").classes)
         train = build_dataset(cfg, "train")          # disk datasets read their lists, not their images
         build_dataset(cfg, "val")
@@ -215,10 +216,17 @@ def check_batch(where: str, config: dict[str, Any], n_train: int | None) -> None
                         f"({share} images per rank / schedule.batch_size {bs})")
 
 
-def reported_val_metrics(classes: list[str], method: str | None = None, eval_labels=()) -> list[str]:
+# a continual task sequence (trainers/continual) reports these beside val/mIoU (all classes seen): the classes of step
+# 0 and those of the later steps, after each step's last epoch
+CONTINUAL_METRICS = ("val/mIoU_old", "val/mIoU_new")
+
+
+def reported_val_metrics(classes: list[str], method: str | None = None, eval_labels=(),
+                         continual: bool = False) -> list[str]:
     """What trainers.evaluation reports at each evaluation: the method's own metrics where it names them
     (SegMethod.VAL_METRICS), else the segmentation ones for these classes, and for each set of eval.datasets
-    (eval_labels) the same under val/<label>/ (its per-class IoUs name the trial classes it shares)."""
+    (eval_labels) the same under val/<label>/ (its per-class IoUs name the trial classes it shares); a continual
+    task sequence adds CONTINUAL_METRICS."""
     if method is not None:
         from trainers.registry import METHODS
 
@@ -226,31 +234,56 @@ def reported_val_metrics(classes: list[str], method: str | None = None, eval_lab
         if own is not None:
             return list(own)
     own_set = ["mIoU", "pixel_acc"] + [f"IoU/{c}" for c in classes]
-    return [f"val/{m}" for m in own_set] + [f"val/{label}/{m}" for label in eval_labels for m in own_set]
+    return ([f"val/{m}" for m in own_set] + [f"val/{label}/{m}" for label in eval_labels for m in own_set]
+            + (list(CONTINUAL_METRICS) if continual else []))
 
 
 def check_metric(where: str, metric: str, class_names, data_name: str, method: str | None = None,
-                 eval_labels=()) -> None:
-    """A val/ metric must be one evaluation reports for this dataset, method and eval.datasets labels (eval_labels).
-    (train/ metrics are the method's step outputs, which no method declares ahead of training, so they are not
-    checked here.)"""
+                 eval_labels=(), continual: bool = False, key: str = "metric.name") -> None:
+    """A val/ metric (at `key` of the spec: metric.name, columns[i].metric) must be one evaluation reports for this
+    dataset, method, eval.datasets labels (eval_labels) and continual setting. (train/ metrics are the method's
+    step outputs, which no method declares ahead of training, so they are not checked here.)"""
     if not metric.startswith("val/"):
         return
     from trainers.registry import METHODS
 
     if method is not None and METHODS.get(method).build.VAL_METRICS is not None:
         if metric not in reported_val_metrics([], method):
-            raise SpecError(f"{where}: metric.name: no trial reports {metric!r} (method {method} reports "
+            raise SpecError(f"{where}: {key}: no trial reports {metric!r} (method {method} reports "
                             f"{', '.join(reported_val_metrics([], method))})")
         return
-    if metric in reported_val_metrics([], eval_labels=eval_labels):
+    if metric in reported_val_metrics([], eval_labels=eval_labels, continual=continual):
         return
     classes = class_names()
-    if metric not in reported_val_metrics(classes, eval_labels=eval_labels):
+    if metric not in reported_val_metrics(classes, eval_labels=eval_labels, continual=continual):
         sets = f"; and the same under val/<label>/ for eval.datasets {', '.join(eval_labels)}" if eval_labels else ""
-        raise SpecError(f"{where}: metric.name: no trial reports {metric!r} (evaluation reports val/mIoU, "
+        steps = f"; {' and '.join(CONTINUAL_METRICS)} for its continual task" if continual else \
+            (f"; {' and '.join(CONTINUAL_METRICS)} only with a continual.task" if metric in CONTINUAL_METRICS else "")
+        raise SpecError(f"{where}: {key}: no trial reports {metric!r} (evaluation reports val/mIoU, "
                         f"val/pixel_acc and val/IoU/<class> for the classes of {data_name}: {', '.join(classes)}"
-                        f"{sets})")
+                        f"{sets}{steps})")
+
+
+def check_eval_sets(where: str, config: dict[str, Any], trial_classes: list[str]) -> None:
+    """Each eval.datasets set is read here as its trials will read it (its val split: layout, root) and shares a
+    class with the trial (trainers.evaluation.class_mapping), so neither fails only once trials start."""
+    from trainers.config import Config
+    from trainers.data import build_dataset
+    from trainers.evaluation import class_mapping
+
+    cfg = Config.model_validate(config)
+    for label, spec in cfg.eval.datasets.items():
+        data_cfg = cfg.eval_set_data(label)
+        if data_cfg.name in GENERATED:        # rendered on demand: a small copy has the same classes
+            data_cfg = data_cfg.model_copy(update=SMALL)
+        try:
+            dataset = build_dataset(data_cfg, "val")
+            class_mapping(list(dataset.classes), list(trial_classes), spec.class_map, 255, dataset.ignore_index,
+                          f"eval.datasets.{label}")
+        except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            prefix = "" if text.startswith(f"eval.datasets.{label}") else f"eval.datasets.{label}: "
+            raise SpecError(f"{where}: {prefix}{text}") from None
 
 
 # --------------------------------------------------------------------------- the search scheduler, MLflow
@@ -310,16 +343,24 @@ def check_plan(plan: Plan | SearchPlan, *, results_root: Path, address: str | No
     cluster once joined (check_cluster_resources). Returns warning lines."""
     cells = plan_cells(plan)
     datasets = _Datasets()
-    metric = plan.spec.metric.name
+    # the spec metric, and each table column's (orchestrator.columns)
+    metrics = [(plan.spec.metric.name, "metric.name")] + [
+        (c["metric"], f"columns ({c['name']}).metric") for c in getattr(plan, "columns", [])]
     on_disk_elsewhere = False
     for where, config in cells:
+        def check(class_names):
+            for metric, key in metrics:
+                if class_names is None and "/IoU/" in metric:   # val/IoU/<class>, val/<label>/IoU/<class>: unknown
+                    continue
+                check_metric(f"{plan.path}", metric, class_names or (lambda: []), config["data"]["name"],
+                             config["method"]["name"], list(config["eval"]["datasets"]),
+                             config["continual"]["task"] is not None, key)
+
         if address and config["data"]["name"] not in GENERATED:
             # the trials read data and weights on the cluster's nodes, not here: a dataset's layout and weight files
-            # are checked when its trials start there; the metric too, unless it names a class (unknown here)
+            # are checked when its trials start there; the metrics too, unless they name a class (unknown here)
             on_disk_elsewhere = True
-            if "/IoU/" not in metric:     # val/IoU/<class>, val/<label>/IoU/<class>
-                check_metric(f"{plan.path}", metric, lambda: [], config["data"]["name"], config["method"]["name"],
-                             list(config["eval"]["datasets"]))
+            check(None)
             continue
         try:
             n_train, class_names = datasets.get(config["data"])
@@ -327,8 +368,9 @@ def check_plan(plan: Plan | SearchPlan, *, results_root: Path, address: str | No
             raise SpecError(f"{where}: {e}") from None
         check_pretrained(where, config)
         check_batch(where, config, n_train)
-        check_metric(f"{plan.path}", metric, class_names, config["data"]["name"], config["method"]["name"],
-                     list(config["eval"]["datasets"]))
+        check(class_names)
+        if config["eval"]["datasets"]:
+            check_eval_sets(where, config, class_names())
     if isinstance(plan, SearchPlan):
         check_scheduler(plan)
     if not address:

@@ -189,3 +189,41 @@ def test_a_row_may_set_more_keys_in_one_profile(write_spec):
     assert paper["plop B"].config["schedule"]["lr"] == 0.004                        # other rows untouched
     with pytest.raises(SpecError, match=r"rows\[2\] \(finetune B\).profiles: no profile 'nope'"):
         resolve(write_spec(text.replace("profiles: {paper:", "profiles: {nope:")))
+
+
+# --------------------------------------------------------------------------- the plan check (orchestrator.preflight)
+
+CHECKED = textwrap.dedent("""
+    name: checked
+    seeds: [0]
+    base: supervised
+    columns:
+      - {name: all, metric: val/mIoU}
+      - {name: extra, metric: METRIC}
+    rows:
+      - name: a
+""")
+
+
+@pytest.mark.parametrize("metric, base, expected", [
+    ("val/mIoU_old", "supervised", "columns (extra).metric: no trial reports 'val/mIoU_old' (evaluation reports "
+                                   "val/mIoU, val/pixel_acc and val/IoU/<class> for the classes of synthetic_surgical"),
+    ("val/night/mIoU", "supervised", "columns (extra).metric: no trial reports 'val/night/mIoU'"),
+    ("val/night/mIoU", "{preset: supervised, eval: {datasets: {night: {name: dark_zurich, root: /nonexistent}}}}",
+     "rows[0] (a): eval.datasets.night: data.root: /nonexistent"),
+    ("val/night/mIoU", "{preset: supervised, eval: {datasets: {night: {name: synthetic_cod}}}}",
+     "rows[0] (a): eval.datasets.night: no class in common with the trial's"),
+])
+def test_columns_and_eval_sets_are_checked_before_anything_starts(capsys, write_spec, metric, base, expected):
+    text = CHECKED.replace("METRIC", metric).replace("base: supervised", f"base: {base}")
+    assert sweep_main([str(write_spec(text)), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err
+    if metric == "val/mIoU_old":
+        assert "val/mIoU_old and val/mIoU_new only with a continual.task" in err
+
+
+def test_a_reported_eval_set_column_passes(capsys, write_spec):
+    text = CHECKED.replace("METRIC", "val/night/mIoU").replace(
+        "base: supervised", "base: {preset: supervised, eval: {datasets: {night: {shift: {low_light: 0.5}}}}}")
+    assert sweep_main([str(write_spec(text)), "--dry-run"]) == 0, capsys.readouterr().err
