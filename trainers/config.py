@@ -360,6 +360,9 @@ class Config(Strict):
         if self.continual.task is not None:
             from trainers.continual.tasks import task_name
             task_name(self.continual.task, self.data.name)     # ValueError naming continual.task
+            if METHODS.get(self.method.name).build.VAL_METRICS is not None:
+                raise ValueError(f"continual.task: method {self.method.name} reports its own validation metrics; "
+                                 "a continual sequence is scored by per-class IoU (old / new / all mIoU)")
         return self
 
     def eval_set_data(self, label: str) -> DataConfig:
