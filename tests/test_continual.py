@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainers.continual import plop
-from trainers.continual.tasks import (Step, eval_images, eval_lut, filter_images, steps_of, task_steps, train_lut,
+from trainers.continual.tasks import (eval_images, eval_lut, filter_images, steps_of, task_steps, train_lut,
                                       plop_space_lut)
 
 # PLOP tasks.py as released (github.com/arthurdouillard/CVPR2021_PLOP), the tasks of paper 002's Table 3
