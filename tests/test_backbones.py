@@ -103,12 +103,13 @@ def test_vit_checkpoint_round_trip_in_timm_layout_resizes_pos_embed(tmp_path):
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         ref = src.forward_intermediates(x, indices=[3], norm=False, output_fmt="NCHW", intermediates_only=True)[0]
-        z = seg.encoder.norms[1](ref.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        z = seg.encoder.norms[-1](ref.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         assert torch.allclose(seg.encode(x), z, atol=1e-6)
 
 
-def _method(encoder: str, decoder: str, schedule: dict | None = None, method: str = "latent_rl"):
-    cfg = Config.model_validate({"method": {"name": method}, "model": {"encoder": encoder, "decoder": decoder},
+def _method(encoder: str, decoder: str, schedule: dict | None = None, method: str = "latent_rl", aux: bool = False):
+    model = {"encoder": encoder, "decoder": decoder, "aux_head": {"enabled": aux, "channels": 256}}
+    cfg = Config.model_validate({"method": {"name": method}, "model": model,
                                  "data": {"image_size": 48}, "schedule": schedule or {}})
     torch.manual_seed(0)
     return cfg, build_method(cfg, num_classes=8, ignore_index=255)
@@ -152,7 +153,7 @@ def test_setr_recipe_backbone_lr_and_min_lr():
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     enc = model.segmentor.encoder
     assert lr_of[id(enc.net.blocks[0].attn.qkv.weight)] == pytest.approx(1e-3)   # 'backbone_net': lr x0.1
-    assert lr_of[id(enc.norms[1].weight)] == pytest.approx(1e-2)                # SETRUP's norm_layers: head
+    assert lr_of[id(enc.norms[-1].weight)] == pytest.approx(1e-2)               # SETRUP's norm_layers: head
     assert lr_of[id(model.segmentor.decoder.classifier.weight)] == pytest.approx(1e-2)
     assert lr_of[id(model.policy.fc_mu.weight if hasattr(model.policy, "fc_mu") else
                     next(model.policy.parameters()))] == pytest.approx(1e-2 * cfg.method.policy.lr_scale)
@@ -171,11 +172,12 @@ def test_default_schedule_groups_unchanged():
     assert [lr_factor(s, t, 100) for t in (0, 50, 100)] == [1.0, 0.5 ** 0.9, 0.0]
 
 
-@pytest.mark.parametrize("encoder,decoder,width,grid", [("mit_tiny", "segformer_head", 128, 12),
-                                                        ("vit_tiny_p8", "setr_naive_k3", 192, 6)])
-def test_latent_rl_step_on_embedded_backbones(encoder, decoder, width, grid):
-    """One latent_rl training step (mha modulation: the decoder sees 2d channels) on each embedded variant."""
-    cfg, model = _method(encoder, decoder)
+@pytest.mark.parametrize("encoder,decoder,width,grid,aux", [("mit_tiny", "segformer_head", 128, 12, False),
+                                                            ("vit_tiny_p8", "setr_naive_k3", 192, 6, True)])
+def test_latent_rl_step_on_embedded_backbones(encoder, decoder, width, grid, aux):
+    """One latent_rl training step (mha modulation: the decoder sees 2d channels) on each embedded variant as
+    backbones.yaml runs it (SETR with its auxiliary head on the block before z)."""
+    cfg, model = _method(encoder, decoder, aux=aux)
     model.train()
     x, masks = torch.randn(2, 3, 48, 48), torch.randint(0, 8, (2, 48, 48))
     assert model.segmentor.encode(x).shape == (2, width, grid, grid)
@@ -183,6 +185,7 @@ def test_latent_rl_step_on_embedded_backbones(encoder, decoder, width, grid):
     before = [p.detach().clone() for p in model.segmentor.decoder.parameters()]
     out = model(x, masks)
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["loss_policy"])
+    assert ("loss_aux" in out) == aux
     opt.zero_grad()
     out["loss"].backward()
     assert model.policy is not None and all(p.grad is not None for p in model.policy.parameters())

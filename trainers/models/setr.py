@@ -11,7 +11,7 @@ The latent z is the patch tokens of the last block (CLS dropped, reshaped row-ma
 LayerNorm: SSSegmentation's SETRUP takes the ViT without its final norm and normalises every output it uses with
 its own LayerNorm (eps 1e-6, head `norm_layers`), so z has the per-token unit scale the policy's noise is sized
 against. Those LayerNorms are head parameters (`head_prefixes`; they train at the head's lr, not the backbone's
-0.1x). `forward_stages` gives [tokens of block 20 (19 for 0-based), z] for model.aux_head: SSSegmentation trains
+0.1x). With model.aux_head, `forward_stages` gives [tokens of block 20 (19 for 0-based), z]: SSSegmentation trains
 three auxiliary heads on blocks 10, 15 and 20 (CE x 0.4 each); rlseg's segmentor carries one, on the last of them.
 
 `model.pretrained`: a local file of ImageNet ViT weights in timm's layout (a timm state dict or .safetensors, e.g.
@@ -55,7 +55,7 @@ class ViTTokens(nn.Module):
 
     head_prefixes = ("norms",)
 
-    def __init__(self, net: nn.Module, blocks: tuple[int, int], name: str):
+    def __init__(self, net: nn.Module, blocks: tuple[int, ...], name: str):
         super().__init__()
         net.prune_intermediate_layers(list(blocks), prune_norm=True, prune_head=True)
         self.net = net
@@ -66,7 +66,8 @@ class ViTTokens(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(net.embed_dim, eps=1e-6) for _ in blocks)   # SSSegmentation norm_layers
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[block blocks[0] tokens, z], each (B, C, H/p, W/p) after its LayerNorm."""
+        """The tokens of each of `blocks` ([aux block, z] with model.aux_head, else [z]), each (B, C, H/p, W/p) after
+        its LayerNorm."""
         if tuple(x.shape[-2:]) != self.image_size:
             h, w = self.image_size
             raise ValueError(f"{self.name} is built for {h}x{w} inputs (its positional embedding fixes the size), got "
@@ -107,6 +108,8 @@ def _vit(name: str):
         import timm
 
         arch, kwargs, blocks = VIT_ARCHS[name]
+        # the aux block's tokens (and their LayerNorm) only with an aux head: unused parameters would stop DDP
+        blocks = blocks if cfg.aux_head.enabled else blocks[-1:]
         # SSSegmentation: drop_path 0, qkv_bias, LayerNorm eps 1e-6 (timm's ViT default), CLS token kept. timm's
         # random init (trunc-normal, ~10 s for ViT-L on a CPU) only when no checkpoint overwrites it.
         init = "skip" if cfg.pretrained else ""
