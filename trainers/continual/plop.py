@@ -132,7 +132,7 @@ def grow_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], num_o
     for key, fresh in new.items():
         if key not in old:
             raise KeyError(f"continual: the previous step's model has no {key!r}")
-        prev = old[key]
+        prev = old[key].to(fresh.device)
         if prev.shape == fresh.shape:
             out[key] = prev
             continue
