@@ -110,7 +110,7 @@ RECIPES = {
     ("ade", "100-50"): Recipe(60, 60, 0.001, 0.00001),
     ("ade", "100-10"): Recipe(60, 60, 0.001, 0.00001),
     ("ade", "100-5"): Recipe(60, 60, 0.001, 0.00001),
-    ("ade", "50"): Recipe(60, 60, 0.001, 0.00001),
+    ("ade", "50"): Recipe(60, 60, 0.001, 0.00001),      # no script in PLOP's repository: its other ADE20K tasks'
     # embedded (ours, not PLOP's): sized for ablations/continual.yaml on 2 CPU cores with the supervised preset's
     # schedule (AdamW 0.003, cosine, 128 scenes at 48 px): step 0 near its plateau, a few epochs per later step at
     # step 0's lr (AdamW's; at a tenth, 2 epochs leave the MiB-initialised rows of one step's class equal to the
