@@ -18,7 +18,15 @@ from orchestrator import console, results, tracking
 from orchestrator.trial import trial_path
 
 OK, FAILED = "ok", "failed"
-METRIC_PREFIXES = ("train/", "val/", "time/", "rl/")
+METRIC_PREFIXES = ("train/", "val/", "time/", "rl/", "continual/")   # continual/step: a task sequence's step
+
+
+def planned_epochs(config: dict) -> int:
+    """The epochs a trial of this config reports: schedule.epochs, or every step's of a continual task sequence."""
+    from trainers.config import Config
+    from trainers.continual.loop import total_epochs
+
+    return total_epochs(Config.model_validate(config))
 
 
 def error_line(text: str | None) -> str:
@@ -125,7 +133,7 @@ class SweepRecorder:
         self.started[trial.trial_id] = time.time()
         self.trials[trial.trial_id] = {**_record(trial.trial_id, cell.row, cell.row_index, cell.seed, cell.config,
                                                  status="running", mlflow_run_id=run_id), **cell.extra,
-                                       "planned_epochs": cell.config["schedule"]["epochs"]}
+                                       "planned_epochs": planned_epochs(cell.config)}
         self.show_status()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -161,7 +169,7 @@ class SweepRecorder:
     def _end(self, trial, status: str, error: str | None) -> None:
         rec = self.trials[trial.trial_id]
         rec.update(status=status, error=error, wall_s=time.time() - self.started[trial.trial_id])
-        planned = json.loads(rec["config_json"])["schedule"]["epochs"]
+        planned = rec.get("planned_epochs") or planned_epochs(json.loads(rec["config_json"]))
         rec["stopped_early"] = status == OK and rec["epochs"] < planned     # by the scheduler (ASHA)
         if rec["stopped_early"]:
             self.tracker.client.set_tag(rec["mlflow_run_id"], "stopped_early", f"after epoch {rec['epochs']}")
