@@ -89,11 +89,15 @@ def test_bad_columns_are_one_line(write_spec, change, expected):
 
 
 def test_dry_run_shows_the_columns_and_paper_numbers(capsys, write_spec):
-    rc = sweep_main([str(write_spec(CONTINUAL)), "--dry-run", "--profile", "paper"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert "columns: 0-4 = val/mIoU_old, 5-7 = val/mIoU_new, all = val/mIoU, Dark Zurich = val/dark_zurich/mIoU" in out
-    assert "paper (0-4 / 5-7 / all / Dark Zurich)" in out and "76.2 / — / 69.9 / —" in out
+    # the plan check wants the columns' metrics reported: a continual task (old / new), no extra eval sets
+    text = (CONTINUAL.replace("base: supervised", "base: {preset: supervised, continual: {task: 5-3}}")
+            .replace("  - {name: night, metric: val/night/mIoU, profiles: [default]}\n", "")
+            .replace("  - {name: Dark Zurich, metric: val/dark_zurich/mIoU, profiles: [paper]}\n", ""))
+    rc = sweep_main([str(write_spec(text)), "--dry-run", "--profile", "paper"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "columns: 0-4 = val/mIoU_old, 5-7 = val/mIoU_new, all = val/mIoU" in out
+    assert "paper (0-4 / 5-7 / all)" in out and "76.2 / — / 69.9" in out
 
 
 # --------------------------------------------------------------------------- the summary and its renderers

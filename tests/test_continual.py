@@ -101,8 +101,8 @@ def test_task_splits_equal_plops(key):
 
 
 def test_embedded_tasks_and_ade_shift():
-    assert task_steps("5-3", "synthetic_surgical") == {0: [0, 1, 2, 3, 4], 1: [5, 6, 7]}
-    assert task_steps("5-1", "synthetic_surgical") == {0: [0, 1, 2, 3, 4], 1: [5], 2: [6], 3: [7]}
+    assert task_steps("5-3", "synthetic_surgical") == {0: [0, 2, 3, 4, 5], 1: [1, 6, 7]}
+    assert task_steps("5-1", "synthetic_surgical") == {0: [0, 2, 3, 4, 5], 1: [1], 2: [6], 3: [7]}
     # a reduce-zero-label ADE20K loader (150 classes, void 255) back in PLOP's space: void -> 0 "other", k -> k + 1
     lut = plop_space_lut(150, "ade")
     assert lut[255] == 0 and lut[0] == 1 and lut[149] == 150
@@ -260,4 +260,8 @@ def test_class_sets_of_a_disk_dataset_are_read_once_and_cached(tmp_path, monkeyp
     assert torch.equal(cdata.class_presence(OnDisk(), "train"), present) and OnDisk.loads == 3
     step = steps_of("5-3", "synthetic_surgical")[1]
     subset = cdata.step_dataset(OnDisk(), "train", step, "synthetic", overlap=True)
-    assert subset.indices == [1] and subset.classes == list("abcdefgh")
+    # step 1 of 5-3 adds classes 1, 6, 7: images 0, 2 (0, 1, 2) hold one, image 1 (0, 5) none; the model's class order
+    # is [0] + old [2, 3, 4, 5] + new [1, 6, 7] (PLOP's order), and the stored labels follow it
+    assert subset.indices == [0, 2] and subset.classes == list("acdefbgh")
+    # 1 -> its position 5; old classes -> background in a train step; ignore stays
+    assert subset.lut[torch.tensor([0, 1, 2, 5, 255])].tolist() == [0, 5, 0, 0, 255]

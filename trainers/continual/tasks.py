@@ -74,12 +74,16 @@ TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
         "100-5": _blocks(100, 151, 5),
         "50": _blocks(50, 151, 50),
     },
-    # embedded (ours): the 8 synthetic surgical classes, background + kidney + the instrument parts first, then
-    # thread, suturing needle, clamps (trainers/data/synthetic.py CLASSES)
+    # embedded (ours): the 8 synthetic surgical classes (trainers/data/synthetic CLASSES) in a shuffled order, as
+    # PLOP's 15-5s_b.. orders: old = background, instrument shaft, wrist, clasper, thread; new = kidney parenchyma,
+    # suturing needle, clamps. At 48 px the embedded model learns background, shaft and kidney (IoU 85, 61, 39 after
+    # step 0's 8 epochs on 128 scenes, seed 0) and the thin or small classes hardly at all, so each of old and new
+    # holds a class it can learn: old-class forgetting and new-class learning both show. Kidney, a large region, is
+    # labelled background in step 0 (the background shift PLOP's pseudo-labels address).
     "synthetic": {
         "offline": {0: list(range(8))},
-        "5-3": {0: [0, 1, 2, 3, 4], 1: [5, 6, 7]},
-        "5-1": _one_by_one(4, 7),
+        "5-3": {0: [0, 2, 3, 4, 5], 1: [1, 6, 7]},
+        "5-1": {0: [0, 2, 3, 4, 5], 1: [1], 2: [6], 3: [7]},
     },
 }
 # the paper's names (Table 3) for PLOP's
