@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,9 @@ def welch_p(a: np.ndarray, b: np.ndarray) -> float:
         return math.nan
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         return 1.0 if a[0] == b[0] else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():     # nearly equal seeds: scipy warns of precision loss; the p it returns stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def _ok_values(trials: pd.DataFrame, metric: str, name: str) -> np.ndarray:
