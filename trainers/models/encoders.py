@@ -135,6 +135,20 @@ def load_backbone_weights(net: nn.Module, path: str, arch: str) -> None:
                          f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
 
 
+def read_weights(path: str, arch: str, urls: dict[str, str], tag: str, layout: str) -> dict:
+    """A state dict from `model.pretrained`: a local file, or `tag` (a published copy of `arch`'s weights at
+    urls[arch], downloaded: needs the network). A path-like value with no file, or any other value, is an error naming
+    the key and the layout expected."""
+    if os.path.exists(path):
+        return _read_state_dict(path)
+    if path == tag and arch in urls:
+        return torch.hub.load_state_dict_from_url(urls[arch], map_location="cpu")
+    if os.sep in path or path.endswith(_CHECKPOINT_SUFFIXES):
+        raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")
+    online = f" or {tag!r} (downloads)" if arch in urls else ""
+    raise ValueError(f"model.pretrained: {arch} loads a local checkpoint file ({layout}){online}, got {path!r}")
+
+
 def _read_state_dict(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")

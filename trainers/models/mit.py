@@ -32,13 +32,12 @@ B3 adds its depth; stands in for B3).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.models.encoders import _CHECKPOINT_SUFFIXES, _read_state_dict
+from trainers.models.encoders import read_weights
 from trainers.registry import DECODERS, ENCODERS
 
 # NVlabs mix_transformer.py mit_b0 ... mit_b5: heads (1, 2, 5, 8), sr_ratios (8, 4, 2, 1), mlp_ratio 4, qkv_bias,
@@ -207,16 +206,7 @@ SSSEG_URLS = {arch: f"https://github.com/SegmentationBLWX/modelstore/releases/do
 def load_mit_weights(backbone: MixVisionTransformer, path: str, arch: str) -> None:
     """Official MiT ImageNet weights (NVlabs mit_b*.pth layout) from a local file, or `ssseg` (SSSegmentation's copy,
     downloaded: needs the network); their classifier head.* dropped. Any other missing or unexpected key is an error."""
-    if os.path.exists(path):
-        state = _read_state_dict(path)
-    elif path == "ssseg" and arch in SSSEG_URLS:
-        state = torch.hub.load_state_dict_from_url(SSSEG_URLS[arch], map_location="cpu")
-    elif os.sep in path or path.endswith(_CHECKPOINT_SUFFIXES):
-        raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")
-    else:
-        tag = " or 'ssseg' (downloads)" if arch in SSSEG_URLS else ""
-        raise ValueError(f"model.pretrained: {arch} loads a local checkpoint file (NVlabs' {arch}.pth layout){tag}, "
-                         f"got {path!r}")
+    state = read_weights(path, arch, SSSEG_URLS, "ssseg", f"NVlabs' {arch}.pth layout")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -27,12 +27,11 @@ Decoders (SSSegmentation's SETRUP.builddecoder, num_classes from the dataset, 25
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
 
-from trainers.models.encoders import _CHECKPOINT_SUFFIXES, _read_state_dict
+from trainers.models.encoders import read_weights
 from trainers.registry import DECODERS, ENCODERS
 
 # name -> (timm architecture, timm kwargs, block indices [aux, z] (0-based))
@@ -85,16 +84,7 @@ def load_vit_weights(net: nn.Module, path: str, arch: str) -> None:
     the classifier (head.*) and the final norm (norm.*, SSSegmentation's final_norm False) dropped."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    if os.path.exists(path):
-        state = _read_state_dict(path)
-    elif path == "jx" and arch in JX_URLS:
-        state = torch.hub.load_state_dict_from_url(JX_URLS[arch], map_location="cpu")
-    elif os.sep in path or path.endswith(_CHECKPOINT_SUFFIXES):
-        raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")
-    else:
-        tag = " or 'jx' (downloads)" if arch in JX_URLS else ""
-        raise ValueError(f"model.pretrained: {arch} loads a local checkpoint file (timm's {arch} layout){tag}, "
-                         f"got {path!r}")
+    state = read_weights(path, arch, JX_URLS, "jx", f"timm's {arch} layout")
     state = checkpoint_filter_fn(state, net)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm.", "fc_norm."))}
     missing, unexpected = net.load_state_dict(state, strict=False)
