@@ -27,7 +27,6 @@ Decoders (SSSegmentation's SETRUP.builddecoder, num_classes from the dataset, 25
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
