@@ -39,8 +39,8 @@ class ColumnSpec(BaseModel):
     profiles: list[str] | None = Field(None, min_length=1)   # None: every profile
 
 
-def check_columns(columns: list[ColumnSpec] | None, metric: str, profiles: list[str]) -> None:
-    """ValueError (the spec validator's) for repeated names or metrics, or a profile that does not exist."""
+def check_columns(columns: list[ColumnSpec] | None, profiles: list[str]) -> None:
+    """ValueError (the spec validator's) for repeated column names, or a column's profile that does not exist."""
     if not columns:
         return
     names = [c.name for c in columns]

@@ -94,7 +94,7 @@ class Spec(_SpecBase):
 
     @model_validator(mode="after")
     def _columns_and_references(self):
-        check_columns(self.columns, self.metric.name, list(self.profiles))
+        check_columns(self.columns, list(self.profiles))
         names = [r.name for r in self.rows]
         for i, row in enumerate(self.rows):
             check_paper(f"rows[{i}] ({row.name})", row.paper, self.columns, list(self.profiles))
