@@ -61,17 +61,16 @@ def test_mlflow_down_runs_and_prints_the_cost_of_each_outage():
     assert "503 to everything: offline after" in out.stdout and ", 2 requests)" in out.stdout, out.stdout
 
 
-def test_overhead_benchmark_prints_bare_trial_and_sweep_times():
+def test_overhead_benchmark_prints_bare_and_trial_times():
+    # one cell: the many-cell sweep line is the same code path as the one-cell one (and a second Ray start in CI)
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "overhead.py"), "--spec",
-                          str(REPO / "ablations" / "loss.yaml"), "--row", "0", "--cells", "2", "--skip-torch-trainer",
+                          str(REPO / "ablations" / "loss.yaml"), "--row", "0", "--cells", "1", "--skip-torch-trainer",
                           "data.train_size=32", "data.val_size=16", "data.image_size=32", "schedule.epochs=1"],
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     bare = re.search(r"bare trainers.loop.fit: +([0-9.]+) s", out.stdout)
     trial = re.search(r"default path \(in process\): +([0-9.]+) s +trial / bare +([0-9.]+) +fixed per-trial cost "
                       r"+(-?[0-9.]+) s", out.stdout)
-    sweep = re.search(r"sweep of 2 cells \(default path\): +([0-9.]+) s +against 2 x bare / [0-9]+ CPUs = ([0-9.]+) s",
-                      out.stdout)
-    assert bare and trial and sweep, out.stdout
+    assert bare and trial, out.stdout
     b, t, ratio, fixed = float(bare.group(1)), *map(float, trial.groups())
     assert ratio == pytest.approx(t / b, rel=0.05) and fixed == pytest.approx(t - b, abs=0.02), out.stdout  # printed rounded
