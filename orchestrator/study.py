@@ -117,7 +117,7 @@ def save_plots(run_dir: Path, study, objectives: list[str],
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    from orchestrator.tables import save_figure
+    from orchestrator.table_plots import save_figure
 
     multi = len(objectives) > 1
     first = {"target": (lambda t: t.values[0]), "target_name": objectives[0]} if multi else {}
