@@ -1,6 +1,8 @@
 """The embedded default trains to a plateau: the supervised row of every Latent-Space RL table (the supervised preset,
 with the data and schedule the latent_rl preset shares) gains less than 1.0 mean val mIoU point over the last
 quarter of its epochs. A learning-curve property, at two seeds instead of the tables' five; not a timing."""
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +20,20 @@ def test_latent_rl_preset_shares_the_supervised_data_and_schedule():
         assert sup["schedule"][key] == rl["schedule"][key], key
 
 
+def curve(tree: dict) -> list[float]:
+    """val/mIoU per epoch of one fit (a top-level function: it runs in a worker process)."""
+    out = []
+    fit(tree, lambda m, s: out.append(m["val/mIoU"]))
+    return out
+
+
 def test_supervised_row_reaches_a_plateau():
     tree = yaml.safe_load((PRESETS / "supervised.yaml").read_text())
     epochs = tree["schedule"]["epochs"]
-    curves = []
-    for seed in (0, 1):
-        curve = []
-        fit({**tree, "seed": seed}, lambda m, s: curve.append(m["val/mIoU"]))
-        assert len(curve) == epochs
-        curves.append(curve)
+    # a trial trains on resources.cpus_per_worker = 1 thread: the two seeds run side by side, one process each
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        curves = list(pool.map(curve, [{**tree, "seed": seed} for seed in (0, 1)]))
+    assert [len(c) for c in curves] == [epochs, epochs]
     mean = np.mean(curves, axis=0)
     start = epochs - epochs // 4                # the last quarter's training: epochs start + 1 .. epochs
     gain = mean[-1] - mean[start - 1]

@@ -14,14 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 RL_KEYS = ("rl/clipfrac", "rl/log_ratio_abs_mean", "rl/zero_grad_frac", "rl/approx_kl")
 
 
-def paper_method(sign: float):
-    """The paper profile's full-method row, with L_Policy alone in the loss (rl_only, no KL term, b = 0) and the
-    reward weights times `sign`, so every advantage has that sign."""
+@pytest.fixture(scope="module")
+def paper_method():
+    """The paper profile's full-method row, with L_Policy alone in the loss (rl_only, no KL term, b = 0); built
+    once (372M parameters at these shapes) for both signs."""
     plan = resolve(REPO / "ablations" / "reward.yaml", "paper", [
         "model.pretrained=null", "method.regime=rl_only", "method.loss.lambda_kl=0", "method.baseline.kind=none"])
-    tree = plan.rows[-1].config
-    tree["method"]["reward"]["weights"] = {k: sign * w for k, w in tree["method"]["reward"]["weights"].items()}
-    cfg = Config.model_validate(tree)
+    cfg = Config.model_validate(plan.rows[-1].config)
     torch.manual_seed(0)
     return cfg, build_method(cfg, 21, 255).train()
 
@@ -37,14 +36,21 @@ def ringed_batch():
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_policy_gradient_at_paper_shapes_for_both_advantage_signs(sign):
-    cfg, model = paper_method(sign)
+def test_policy_gradient_at_paper_shapes_for_both_advantage_signs(paper_method, sign, monkeypatch):
+    cfg, model = paper_method
     assert cfg.model.encoder == "resnet50c_d8" and model.segmentor.encoder.out_channels == 2048
     assert cfg.method.loss.ratio_level == "element"          # the paper profile's measured choice (its preset)
+    # the reward weights times `sign`, so every advantage has that sign
+    monkeypatch.setattr(model, "weights", {k: sign * w for k, w in cfg.method.reward.weights.model_dump().items()})
+    bias = model.policy.fc_mu.bias.detach().clone()
     with torch.no_grad():                  # phi one small step away from phi_old, as after an optimizer step
         model.policy.fc_mu.bias.add_(0.01)
     images, masks = ringed_batch()
-    out = model(images, masks)
+    try:
+        out = model(images, masks)
+    finally:
+        with torch.no_grad():
+            model.policy.fc_mu.bias.copy_(bias)
     assert sign * float(out["advantage"]) > 0
     params = [p for p in model.policy.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out["loss"], params, allow_unused=True)      # loss = lambda_Policy L_Policy here
