@@ -128,11 +128,7 @@ def load_backbone_weights(net: nn.Module, path: str, arch: str) -> None:
     state = _read_state_dict(path)
     state = {next((new + k[len(old):] for old, new in _MMSEG_V1C_STEM.items() if k.startswith(old)), k): v
              for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(f"model.pretrained: {path} does not hold {arch} weights in timm layout "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    load_weights(net, state, path, arch, "timm layout")
 
 
 def read_weights(path: str, arch: str, urls: dict[str, str], tag: str, layout: str) -> dict:
@@ -147,6 +143,16 @@ def read_weights(path: str, arch: str, urls: dict[str, str], tag: str, layout: s
         raise FileNotFoundError(f"model.pretrained: no checkpoint file at {path}")
     online = f" or {tag!r} (downloads)" if arch in urls else ""
     raise ValueError(f"model.pretrained: {arch} loads a local checkpoint file ({layout}){online}, got {path!r}")
+
+
+def load_weights(net: nn.Module, state: dict, path: str, arch: str, layout: str) -> None:
+    """`state` into `net`; any missing or unexpected key (BatchNorm's num_batches_tracked aside) is an error naming
+    model.pretrained and the layout expected."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"model.pretrained: {path} does not hold {arch} weights in {layout} "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
 
 
 def _read_state_dict(path: str) -> dict:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.models.encoders import read_weights
+from trainers.models.encoders import load_weights, read_weights
 from trainers.registry import DECODERS, ENCODERS
 
 # NVlabs mix_transformer.py mit_b0 ... mit_b5: heads (1, 2, 5, 8), sr_ratios (8, 4, 2, 1), mlp_ratio 4, qkv_bias,
@@ -208,10 +208,7 @@ def load_mit_weights(backbone: MixVisionTransformer, path: str, arch: str) -> No
     downloaded: needs the network); their classifier head.* dropped. Any other missing or unexpected key is an error."""
     state = read_weights(path, arch, SSSEG_URLS, "ssseg", f"NVlabs' {arch}.pth layout")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"model.pretrained: {path} does not hold {arch} weights in NVlabs' layout "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    load_weights(backbone, state, path, arch, "NVlabs' layout")
 
 
 def _mit(arch: str):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainers.models.encoders import read_weights
+from trainers.models.encoders import load_weights, read_weights
 from trainers.registry import DECODERS, ENCODERS
 
 # name -> (timm architecture, timm kwargs, block indices [aux, z] (0-based))
@@ -86,10 +86,7 @@ def load_vit_weights(net: nn.Module, path: str, arch: str) -> None:
     state = read_weights(path, arch, JX_URLS, "jx", f"timm's {arch} layout")
     state = checkpoint_filter_fn(state, net)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm.", "fc_norm."))}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"model.pretrained: {path} does not hold {arch} weights in timm's layout "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    load_weights(net, state, path, arch, "timm's layout")
 
 
 def _vit(name: str):
