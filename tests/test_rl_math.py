@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob,
-                         gaussian_log_prob_moments, group_advantages, ppo_clip_loss, ppo_stats, sample_moments,
+                         gaussian_log_prob_moments, gaussian_log_ratio_moments, group_advantages, ppo_clip_loss, ppo_stats, sample_moments,
                          segmentation_rewards, weighted_reward)
 
 G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
@@ -579,6 +579,43 @@ def test_log_prob_from_moments_equals_eq12_values_and_gradients():
                  for f in (lambda a, c: gaussian_log_prob_moments(moments, a, c), lambda a, c: gaussian_log_prob(s, a, c))]
         for fast, slow in zip(*grads):
             torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-9)
+
+
+def test_image_log_ratio_at_paper_shapes_matches_a_float64_elementwise_reference():
+    """Eq. 4's image-level log rho at the paper's latent (d = 2048, 64 x 64, float32 as trained): random (mu, sigma)
+    for phi, phi_old a small step away, s drawn from phi. Reference: Eq. 12 element by element in float64 for both
+    policies, then their difference. The difference of two float32 image sums (each ~1e7 in size) was off by
+    ~0.1-0.3 here; the channel-wise float64 form must agree to 1e-3 absolute (float32 rounding of s and of its
+    moments is what is left), and its gradient must be that of log pi_phi."""
+    g = G(60)
+    b, d, h, w = 2, 2048, 64, 64
+    mu = torch.randn(b, d, generator=g)
+    ls = 0.5 * torch.randn(b, d, generator=g) - 1.0
+    mu_o = mu + 1e-3 * torch.randn(b, d, generator=g)
+    ls_o = ls + 1e-3 * torch.randn(b, d, generator=g)
+    s = GaussianLatentPolicy.sample(mu, ls, (h, w), generator=g)
+    mu_v, ls_v = mu.clone().requires_grad_(), ls.clone().requires_grad_()
+    fast = gaussian_log_ratio_moments(sample_moments(s, center=mu), mu_v, ls_v, mu_o, ls_o)
+    s64 = s.double()
+    ref = gaussian_log_prob(s64, mu.double(), ls.double()) - gaussian_log_prob(s64, mu_o.double(), ls_o.double())
+    assert ref.abs().min() > 1.0                  # a log rho far from 0, as at paper shapes after one step
+    assert (fast.double() - ref).abs().max() <= 1e-3, (fast, ref)
+    grads = torch.autograd.grad(fast.sum(), (mu_v, ls_v))
+    mu64, ls64 = mu.double().requires_grad_(), ls.double().requires_grad_()
+    slow = torch.autograd.grad(gaussian_log_prob(s64, mu64, ls64).sum(), (mu64, ls64))
+    for fast_g, slow_g in zip(grads, slow):
+        torch.testing.assert_close(fast_g.double(), slow_g, rtol=1e-4, atol=1e-2)
+
+
+def test_gaussian_kl_near_equal_policies_matches_float64_closed_form():
+    """Eq. 5 for two policies 1e-4 apart at the paper's d and h*w: no 1 - 1 cancellation in float32."""
+    g = G(61)
+    mu_p, ls_p = torch.randn(2, 2048, generator=g), 0.5 * torch.randn(2, 2048, generator=g)
+    mu_q, ls_q = mu_p + 1e-4 * torch.randn(2, 2048, generator=g), ls_p + 1e-4 * torch.randn(2, 2048, generator=g)
+    p = Normal(mu_p.double(), ls_p.double().exp())
+    q = Normal(mu_q.double(), ls_q.double().exp())
+    ref = 4096 * kl_divergence(p, q).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mu_p, ls_p, mu_q, ls_q, spatial=(64, 64)).double(), ref, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("hw,pool", [((8, 8), (4, 4)), ((6, 9), (3, 3)), ((7, 5), (4, 2)), ((5, 5), (1, 1))])

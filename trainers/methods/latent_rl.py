@@ -35,7 +35,7 @@ from trainers.methods import register_method
 from trainers.methods.base import SegMethod, grad_norm
 from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig
 from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob,
-                         gaussian_log_prob_moments, k3_kl, policy_gradient_loss, ppo_clip_loss, ppo_stats,
+                         gaussian_log_ratio_moments, k3_kl, policy_gradient_loss, ppo_clip_objective, ppo_health,
                          sample_moments, segmentation_rewards, weighted_reward)
 from trainers.rl.objectives import LOG_RATIO_CAP
 from trainers.rl.reference import frozen_copy, reference_policy
@@ -224,21 +224,21 @@ class LatentRL(SegMethod):
         kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w)         # Eq. 5, KL(old || phi), (B,)
         # Eq. 12: log-density of the constant action s under phi and phi_old
         s = s.detach()
+        # log rho = log pi_phi(s) - log pi_old(s), gradient through pi_phi; d log rho / d phi = d log pi_phi / d phi,
+        # so Seg-R1's unclipped loss takes it in place of log pi_phi (its value exp(x - sg(x)) = 1 either way)
         if m.loss.ratio_level == "element":   # per-element ratios against the image's advantage; KL per element
             with torch.no_grad():
                 logp_old = gaussian_log_prob(s, mu_old_g, log_sigma_old_g, reduce=False).flatten(1)
-            logp = gaussian_log_prob(s, mu_g, log_sigma_g, reduce=False).flatten(1)
-            adv_t, kl = adv[:, None], kl / logp.shape[1]
-        else:   # the two sums over d*h*w terms from s's per-channel moments, taken once
-            moments = sample_moments(s, center=mu_g)
-            with torch.no_grad():
-                logp_old = gaussian_log_prob_moments(moments, mu_old_g, log_sigma_old_g)
-            logp = gaussian_log_prob_moments(moments, mu_g, log_sigma_g)
+            log_ratio = gaussian_log_prob(s, mu_g, log_sigma_g, reduce=False).flatten(1) - logp_old
+            adv_t, kl = adv[:, None], kl / log_ratio.shape[1]
+        else:   # the sum over d*h*w terms from s's per-channel moments, each channel's difference formed first
+            log_ratio = gaussian_log_ratio_moments(sample_moments(s, center=mu_g), mu_g, log_sigma_g,
+                                                   mu_old_g, log_sigma_old_g)
             adv_t = adv
         if m.loss.policy_loss == "seg_r1":    # Seg-R1 as released: no ratio clip, mean over the terms
-            loss_policy = policy_gradient_loss(logp, adv_t)
+            loss_policy = policy_gradient_loss(log_ratio, adv_t)
         else:
-            loss_policy = ppo_clip_loss(logp, logp_old, adv_t, m.loss.ppo_eps, m.loss.log_ratio_cap)  # Eq. 4
+            loss_policy = ppo_clip_objective(log_ratio, adv_t, m.loss.ppo_eps, m.loss.log_ratio_cap)  # Eq. 4
         loss_kl = kl.mean()
 
         loss = logits.new_zeros(())
@@ -252,7 +252,7 @@ class LatentRL(SegMethod):
             if self.rl_phase:
                 loss = loss + m.loss.beta_ref * loss_ref
             out["rl/kl_ref"] = loss_ref.detach()
-        stats = ppo_stats(logp, logp_old, m.loss.ppo_eps, adv_t)
+        stats = ppo_health(log_ratio, m.loss.ppo_eps, adv_t)
         out.update(
             loss=loss, loss_policy=loss_policy.detach(), loss_kl=loss_kl.detach(), reward=r.mean(),
             advantage=adv.mean(), baseline=self.baseline.value.detach().float(), log_sigma=log_sigma.detach().mean(),

@@ -12,15 +12,18 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """GRPO (Seg-R1, TRL): rewards (B, G), G samples per image -> (r - mean_G) / (std_G + 1e-4), (B, G).
 
     std_G is the unbiased torch.std over the group; a constant group gives zeros. G = 1 gives zeros (no spread).
+    The (B, G) arithmetic runs in float64: a float32 mean of G equal rewards need not equal them (3 x 0.048 / 3 is
+    off by 4e-9), and the 1e-4 floor of the denominator turns that into an advantage of ~4e-5 for a group that has
+    no spread.
     """
-    rewards = rewards.detach()
+    dtype, rewards = rewards.dtype, rewards.detach().double()
     if rewards.dim() != 2:
         raise ValueError(f"group advantages need rewards of shape (B, G), got {tuple(rewards.shape)}")
     if rewards.shape[1] < 2:
-        return torch.zeros_like(rewards)
+        return torch.zeros_like(rewards, dtype=dtype)
     mean = rewards.mean(1, keepdim=True)
     std = rewards.std(1, keepdim=True)
-    return (rewards - mean) / (std + 1e-4)
+    return ((rewards - mean) / (std + 1e-4)).to(dtype)
 
 
 def global_mean(r: torch.Tensor) -> torch.Tensor:

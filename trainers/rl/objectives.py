@@ -35,8 +35,15 @@ def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
     logp_old (the EMA old policy) and adv are constants; returns a scalar (the mean over all terms). rho is
     soft_capped_ratio (exact for |log rho| <= log_ratio_cap): no cap zeroes a gradient that Eq. 4 has.
     """
-    logp_old, adv = logp_old.detach(), adv.detach()
-    ratio = soft_capped_ratio(logp - logp_old, log_ratio_cap)
+    return ppo_clip_objective(logp - logp_old.detach(), adv, eps, log_ratio_cap)
+
+
+def ppo_clip_objective(log_ratio: torch.Tensor, adv: torch.Tensor, eps: float = 0.2,
+                       log_ratio_cap: float = LOG_RATIO_CAP) -> torch.Tensor:
+    """Eq. 4 from log rho itself (gradient through it), for callers that form log rho without subtracting two large
+    log-densities (policy.gaussian_log_ratio_moments); ppo_clip_loss is this with log rho = logp - logp_old."""
+    adv = adv.detach()
+    ratio = soft_capped_ratio(log_ratio, log_ratio_cap)
     surr1 = ratio * adv
     surr2 = torch.clamp(ratio, 1.0 - eps, 1.0 + eps) * adv
     return -torch.min(surr1, surr2).mean()
@@ -66,7 +73,13 @@ def ppo_stats(logp: torch.Tensor, logp_old: torch.Tensor, eps: float = 0.2,
     clipfrac = mean(|rho - 1| > eps); approx_kl = mean((rho - 1) - log rho) (k3, log rho capped at +-LOG_RATIO_CAP);
     log_ratio_abs_mean = mean |log rho|; with adv, zero_grad_frac = the share of terms whose Eq. 4 gradient is 0
     (A = 0, or the clipped branch is the min: rho > 1 + eps with A > 0, rho < 1 - eps with A < 0)."""
-    logratio = logp.detach() - logp_old.detach()
+    return ppo_health(logp.detach() - logp_old.detach(), eps, adv)
+
+
+@torch.no_grad()
+def ppo_health(log_ratio: torch.Tensor, eps: float = 0.2, adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """ppo_stats from log rho itself (see ppo_clip_objective)."""
+    logratio = log_ratio.detach()
     capped = logratio.clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP)
     ratio = capped.exp()
     out = {
