@@ -194,15 +194,15 @@ def test_thin_classes_are_thin(train):
             if not b.any():
                 continue
             total += b.sum()
-            kept += ndimage.binary_erosion(b, np.ones((3, 3), bool)).sum()
+            kept += ndimage.binary_erosion(b, np.ones((5, 5), bool)).sum()   # lines 2-4 px wide at 64 px
             ys, xs = np.nonzero(b)
             fill.append(b.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
         assert kept / total < 0.1, (CLASSES[c], kept / total)
         assert np.mean(fill) < max_fill, (CLASSES[c], np.mean(fill))
     # while the shaft is a thick band that survives erosion
     b = masks == SHAFT
-    eroded = sum(ndimage.binary_erosion(m, np.ones((3, 3), bool)).sum() for m in b)
-    assert eroded / b.sum() > 0.45
+    eroded = sum(ndimage.binary_erosion(m, np.ones((5, 5), bool)).sum() for m in b)
+    assert eroded / b.sum() > 0.25
 
 
 def test_thin_classes_scale_with_size():
@@ -237,3 +237,34 @@ def test_preview_script(tmp_path):
 
     im = Image.open(out)
     assert im.size[0] > 100 and im.size[1] > 100
+
+
+# ------------------------------------------------------------------ the embedded benchmark, pinned
+
+# sha256 (first 16 hex digits) of image bytes + mask bytes of render_scene(seed, index, size). An edit of the scene
+# generator changes every embedded table's numbers: it must change these on purpose (and rerun the specs' headers).
+PINNED = {(0, 0, 48): "a4da4f7c25ffba8f", (0, 7, 48): "13be3b4410615fc7",
+          (3, syn.VAL_INDEX_OFFSET, 48): "a93d068912aa0e3d", (1, 5, 64): "3c182d5bf28a1f2b"}
+
+
+@pytest.mark.parametrize("key", sorted(PINNED))
+def test_scene_bytes_are_pinned(key):
+    import hashlib
+
+    img, mask = render_scene(*key)
+    assert hashlib.sha256(img.tobytes() + mask.tobytes()).hexdigest()[:16] == PINNED[key]
+
+
+# The embedded default's training split (512 scenes at 48 px): each class's share of the pixels, at least. Measured
+# for seeds 0-2: thread 2.6-2.8 %, needle 2.1-2.2 %, clamps 1.2-1.4 %, clasper 1.6-1.7 %, wrist 2.1 %.
+MIN_PIXEL_SHARE = {"background-tissue": 0.60, "kidney-parenchyma": 0.08, "instrument-shaft": 0.08,
+                   "instrument-wrist": 0.015, "instrument-clasper": 0.012, "thread": 0.02, "suturing-needle": 0.015,
+                   "clamps": 0.01}
+
+
+def test_every_class_occupies_its_minimum_share_of_the_training_split():
+    masks = SyntheticSurgical("train", 512, 48, seed=0).masks.numpy()
+    share = np.bincount(masks.ravel(), minlength=len(CLASSES)) / masks.size
+    assert list(MIN_PIXEL_SHARE) == list(CLASSES)
+    low = {c: round(float(s), 4) for c, s, lo in zip(CLASSES, share, MIN_PIXEL_SHARE.values()) if s < lo}
+    assert not low, low

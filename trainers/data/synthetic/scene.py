@@ -22,6 +22,11 @@ CLASSES: tuple[str, ...] = (
 # label ids, in CLASSES order (the painter writes them into the label map)
 BACKGROUND, KIDNEY, SHAFT, WRIST, CLASPER, THREAD, NEEDLE, CLAMPS = range(8)
 
+# Half-width of thread and needle, as a fraction of the image side: 1.1-1.5 px at the embedded 48 px (2-3 px wide
+# lines). At 0.55-0.9 px of 64 (1 px wide at 48) no model of the embedded default learned either class (IoU 0.0 in
+# every seed, see SyntheticSurgical's docstring): a tiny output-stride-8 CNN cannot place a 1-px line.
+_THIN_HALF_WIDTH = (1.1 / 48, 1.5 / 48)
+
 
 # --------------------------------------------------------------------------------------------
 # scene parameters (size independent, drawn from the (seed, index) stream)
@@ -156,15 +161,15 @@ def _scene_params(rng: np.random.Generator) -> dict:
         for _ in range(n_kid)
     ]
     # --- clamps ---
-    n_clamp = 0 if r.random() < 0.62 else r.integers(1, 3)
+    n_clamp = 0 if r.random() < 0.45 else r.integers(1, 3)
     clamp_base = (_rgb(0.92, 0.82, 0.12), _rgb(0.28, 0.78, 0.30), _rgb(0.72, 0.86, 0.18))
     p["clamps"] = [
         dict(
             cx=r.uniform(0.12, 0.88),
             cy=r.uniform(0.12, 0.88),
             ang=r.uniform(0, 2 * math.pi),
-            hl=r.uniform(0.045, 0.075),
-            hw=r.uniform(0.018, 0.03),
+            hl=r.uniform(0.09, 0.13),
+            hw=r.uniform(0.045, 0.06),
             col=clamp_base[r.integers(0, 3)] * r.uniform(0.85, 1.08),
         )
         for _ in range(n_clamp)
@@ -178,7 +183,7 @@ def _scene_params(rng: np.random.Generator) -> dict:
     # --- needle (65%) ---
     p["needle"] = None
     if r.random() < 0.65:
-        rad = r.uniform(0.06, 0.11)
+        rad = r.uniform(0.1, 0.16)
         half = r.uniform(0.4, 0.6) * math.pi
         if r.random() < 0.5:  # held by a clasper: the arc passes between the jaw tips
             _, _, jaws = _instrument_points(p["instruments"][0])
@@ -195,16 +200,16 @@ def _scene_params(rng: np.random.Generator) -> dict:
             r=rad,
             mid=mid,
             half=half,
-            hw=r.uniform(0.6, 0.9) / 64,
+            hw=r.uniform(1.8 / 48, 2.3 / 48),
             col=_rgb(0.86, 0.86, 0.88) * r.uniform(0.85, 1.1),
         )
-    # --- thread (62%): 1-2 curves, pale lavender or tissue-like ---
+    # --- thread (62%): 1-2 curves, violet (braided, Vicryl-like) or blue (monofilament, Prolene-like) ---
     p["threads"] = []
     if r.random() < 0.62:
         if r.random() < 0.6:
-            tcol = _rgb(0.84, 0.78, 0.90)
+            tcol = _rgb(0.66, 0.52, 0.86)
         else:
-            tcol = p["tissue"] * _rgb(1.25, 1.55, 1.55)
+            tcol = _rgb(0.30, 0.45, 0.85)
         tcol = np.clip(tcol * r.uniform(0.85, 1.1), 0.0, 1.0)
         nd = p["needle"]
         for k in range(r.integers(1, 3)):
@@ -214,7 +219,7 @@ def _scene_params(rng: np.random.Generator) -> dict:
                 c = _wavy(r, centre=end, anchor=1.0, t0=0.0, length=r.uniform(0.3, 0.7))
             else:
                 c = _wavy(r)
-            c["hw"] = r.uniform(0.55, 0.85) / 64
+            c["hw"] = r.uniform(_THIN_HALF_WIDTH[0], _THIN_HALF_WIDTH[1])
             c["col"] = tcol
             p["threads"].append(c)
     p["thin_on_top"] = r.random() < 0.3  # thread/needle drawn over the instruments
