@@ -267,62 +267,8 @@ def square(r0, c0, n=3, size=8, cls=1):
     return lab
 
 
-def ref_boundary_f1(pred, gt, k=None, ignore=255, tol=1, band=8):
-    """Independent loop reference of r^Boundary (one image, lists of lists), from the definition in
-    trainers/rl/boundary.py: per class c, the band Z_c = ignore pixels within `band` moves (through ignore pixels)
-    of both c and not-c; TB_c = valid pixels with a valid neighbour across c, or next to Z_c; PB_c = judged pixels
-    (valid, or in any band) with a judged neighbour across c; precision: PB_c within `tol` of TB_c or inside Z_c;
-    recall: TB_c within `tol` of PB_c, or next to a pixel of Z_c reached within `band` moves from a pixel of Z_c
-    within `tol` of PB_c. Mean F1 over the classes with a boundary in either map; 1 when none has one."""
-    h, w = len(gt), len(gt[0])
-    k = k if k is not None else 1 + max(max(max(r) for r in pred), max(v for r in gt for v in r if v != ignore))
-    pix = [(i, j) for i in range(h) for j in range(w)]
-    valid = {p for p in pix if gt[p[0]][p[1]] != ignore}
-    unknown = set(pix) - valid
-
-    def near(p, r=1):
-        return [(a, b) for a in range(p[0] - r, p[0] + r + 1) for b in range(p[1] - r, p[1] + r + 1)
-                if 0 <= a < h and 0 <= b < w and (a, b) != p]
-
-    def bfs(seeds, within, steps):          # pixels of `within` at most `steps` moves from the seeds
-        dist = {p: 0 for p in seeds if p in within}
-        frontier = list(dist)
-        for d in range(1, steps + 1):
-            frontier = [q for p in frontier for q in near(p) if q in within and q not in dist]
-            for q in frontier:
-                dist[q] = d
-        return set(dist)
-
-    zones = {}
-    for c in range(k):
-        is_c = {p for p in valid if gt[p[0]][p[1]] == c}
-        if band > 0:
-            first_c = {q for q in unknown if any(n in is_c for n in near(q))}
-            first_n = {q for q in unknown if any(n in valid - is_c for n in near(q))}
-            zones[c] = bfs(first_c, unknown, band - 1) & bfs(first_n, unknown, band - 1)
-        else:
-            zones[c] = set()
-    judged = valid.union(*zones.values())
-    scores = []
-    for c in range(k):
-        zone = zones[c]
-        tb = {p for p in valid
-              if any(q in valid and (gt[q[0]][q[1]] == c) != (gt[p[0]][p[1]] == c) for q in near(p))
-              or any(q in zone for q in near(p))}
-        pb = {p for p in judged
-              if any(q in judged and (pred[q[0]][q[1]] == c) != (pred[p[0]][p[1]] == c) for q in near(p))}
-        if not pb and not tb:
-            continue
-        if not pb or not tb:
-            scores.append(0.0)
-            continue
-        precise = sum(p in zone or any(q in tb for q in near(p, tol)) or p in tb for p in pb)
-        near_pred = {q for p in pb for q in near(p, tol)} | pb
-        reached = bfs(near_pred & zone, zone, band)
-        found = sum(p in near_pred or any(q in reached for q in near(p)) for p in tb)
-        prec, rec = precise / len(pb), found / len(tb)
-        scores.append(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
-    return sum(scores) / len(scores) if scores else 1.0
+# r^Boundary's loop reference (the class-wise BF score) and the VOC ring live with the boundary tests
+from test_boundary_reward import ref_boundary_f1, ringed_object  # noqa: E402
 
 
 def test_rewards_perfect_prediction():
@@ -348,9 +294,8 @@ def test_rewards_stripe_shift_by_hand():
     # class 0: |G| 32, |P| 48, inter 32; class 1: |G| 32, |P| 16, inter 16
     assert out["iou"].item() == pytest.approx((32 / 48 + 16 / 32) / 2)
     assert out["dice"].item() == pytest.approx((64 / 80 + 32 / 48) / 2)
-    # gt boundary = columns 3, 4; pred boundary = columns 5, 6; dilated by one column each:
-    # P = |col 5| / 16 = 1/2, R = |col 4| / 16 = 1/2 -> F = 1/2
-    assert out["boundary"].item() == pytest.approx(0.5)
+    # seg2bmap: gt boundary = column 3, pred boundary = column 5 (both classes); 2 px apart, tolerance 1 -> F = 0
+    assert out["boundary"].item() == 0.0
     assert out["ce"].item() == pytest.approx(math.exp(-(16 * 20 + 64 * math.log(1 + math.exp(-20))) / 64), rel=1e-5)
 
 
@@ -374,11 +319,11 @@ def test_rewards_random_maps_match_loop_reference():
     logits = torch.randn(4, k, 7, 9, generator=G(2), dtype=torch.float64)
     out = segmentation_rewards(logits, gt, num_classes=k)
     pred = logits.argmax(1)
-    for i in range(4):
+    for i in range(1, 4):
         assert out["boundary"][i].item() == pytest.approx(ref_boundary_f1(pred[i].tolist(), gt[i].tolist(), k),
                                                           abs=1e-6)
     assert out["iou"][0].item() == 0.0 and out["dice"][0].item() == 0.0 and out["ce"][0].item() == 0.0
-    assert out["boundary"][0].item() == 1.0                  # both boundary maps empty
+    assert math.isnan(out["boundary"][0].item())             # no valid pixel: no boundary term
 
 
 def test_rewards_ignore_pixels_outside_bands_never_count():
@@ -410,50 +355,7 @@ def test_rewards_ignore_pixels_outside_bands_never_count():
         assert torch.equal(r1[key], r2[key]), key
 
 
-def ringed_object(size=16, cls=3, inner=(6, 10), outer=(4, 12)):
-    """(1, size, size): class `cls` in [inner) squared, ringed by a 255 band out to [outer), background 0 outside
-    (VOC's object outlines)."""
-    lab = torch.zeros(1, size, size, dtype=torch.long)
-    lab[0, outer[0]:outer[1], outer[0]:outer[1]] = 255
-    lab[0, inner[0]:inner[1], inner[0]:inner[1]] = cls
-    return lab
-
-
-def boxed(lo, hi, size=16, cls=3):
-    lab = torch.zeros(1, size, size, dtype=torch.long)
-    lab[0, lo:hi, lo:hi] = cls
-    return lab
-
-
-def test_boundary_ringed_object_sees_the_prediction():
-    """VOC's case: an object ringed by an ignore band. An all-background prediction scores <= 0.1; a perfect one
-    >= 0.9 wherever inside the band its edge lies; the right shape with the wrong class scores less."""
-    gt, k = ringed_object(), 5
-    reward = lambda pred: segmentation_rewards(onehot_logits(pred, k), gt, k)["boundary"].item()   # noqa: E731
-    assert reward(torch.zeros_like(gt)) <= 0.1
-    for lo, hi in ((6, 10), (5, 11), (4, 12)):               # edge on the inner rim, mid-band, outer rim
-        assert reward(boxed(lo, hi)) >= 0.9, (lo, hi)
-    assert reward(boxed(6, 10, cls=2)) < reward(boxed(6, 10))
-    assert reward(boxed(1, 15)) < 0.5                         # an edge well outside the band matches nothing
-    for pred in (torch.zeros_like(gt), boxed(5, 11), boxed(6, 10, cls=2), boxed(1, 15), boxed(7, 9)):
-        assert reward(pred) == pytest.approx(ref_boundary_f1(pred[0].tolist(), gt[0].tolist(), k), abs=1e-6)
-
-
-def test_boundary_tolerance_and_band_width():
-    """The tolerance (DAVIS: pixels, or a fraction of the diagonal) and the band width are what the config says."""
-    from trainers.rl.boundary import tolerance_pixels
-
-    assert tolerance_pixels(2, 100, 100) == 2 and tolerance_pixels(0.008, 300, 400) == 4   # ceil(0.008 * 500)
-    gt, k = stripes(4, size=12), 2
-    pred = stripes(7, size=12)                                 # edge 3 px off
-    r = lambda tol: segmentation_rewards(onehot_logits(pred, k), gt, k, boundary_tolerance=tol)["boundary"]  # noqa
-    assert r(1).item() == 0.0 and r(2).item() == pytest.approx(0.5) and r(3).item() == 1.0
-    # a 6 px band carries the outline only when boundary_band reaches across it; else there is nothing to judge
-    # (no valid pixel touches another class) and every prediction scores 1, the all-background one too
-    wide = ringed_object(size=24, inner=(9, 15), outer=(3, 21))
-    r = lambda pred, band: segmentation_rewards(onehot_logits(pred, 5), wide, 5, boundary_band=band)["boundary"]  # noqa
-    assert r(boxed(9, 15, size=24), 8).item() >= 0.9 and r(torch.zeros_like(wide), 8).item() <= 0.1
-    assert r(boxed(9, 15, size=24), 2).item() == 1.0 and r(torch.zeros_like(wide), 2).item() == 1.0
+# the ringed-object (VOC band) and tolerance / band-width tests: tests/test_boundary_reward.py
 
 
 def test_rewards_batch_has_no_cross_talk():
@@ -503,7 +405,7 @@ def test_iou_reward_equals_the_iou_term():
 
 def straightforward_rewards(logits, target, k, ignore=255):
     """Eq. 15 written plainly, one image and one class at a time: argmax, set IoU / Dice, F.cross_entropy, and the
-    loop reference of the boundary F1."""
+    loop reference of the BF score (r^Boundary)."""
     out = {key: [] for key in ("iou", "dice", "ce", "boundary")}
     pool = lambda x: F.max_pool2d(x[None, None].double(), 3, 1, 1)[0, 0]          # noqa: E731
     for i in range(logits.shape[0]):
@@ -546,7 +448,7 @@ def test_rewards_equal_the_straightforward_form(k):
     pixel_ce = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
     for out in (segmentation_rewards(logits, target, k), segmentation_rewards(logits, target, k, pixel_ce=pixel_ce)):
         for key in expect:
-            torch.testing.assert_close(out[key], expect[key], rtol=0, atol=1e-6, msg=key)
+            torch.testing.assert_close(out[key], expect[key], rtol=0, atol=1e-6, equal_nan=key == "boundary", msg=key)
 
 
 def test_argmax_takes_the_first_maximal_class():

@@ -7,7 +7,8 @@ A checkpoint folder holds `state.pt` (rank 0's resumable state: epoch, model sta
 and digests of its final weights, so a multi-worker run can show its ranks trained on disjoint shards
 and ended with identical parameters. RNG state = python `random`, numpy's global, torch's CPU generator
 and the current CUDA device's; no other generator exists (DistributedSampler seeds its own from
-(seed, epoch)), so a resumed epoch draws what the uninterrupted one drew.
+(seed, epoch); a reward control's, method.reward.control, is reseeded every step from the step count it keeps in the
+model state), so a resumed epoch draws what the uninterrupted one drew.
 """
 from __future__ import annotations
 

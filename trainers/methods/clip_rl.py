@@ -7,6 +7,7 @@ Read top to bottom beside the paper:
     a ~ pi(. | GAP(z)), alpha = actions[a]    agent: global pool -> MLP -> categorical over residual scales
     O = s_L + alpha * r                       refined output (Sec. III.B)
     reward = IoU(O) - IoU(s_L) per image      REINFORCE, L_RL = -mean(A log pi(a)), A from the shared Baseline
+                                              (reward.control: its content replaced before the baseline, ours)
                                               (+ beta_ref k3(pi || pi_ref) with `loss.kl_reference`, Seg-R1)
     f = curriculum(e / E)                     (1 - e/E)^2 in the paper
     L = f L_seg(s_L) + (1 - f) (w_O L_seg(O) + lambda_RL L_RL),  L_seg = CE + Dice, w_O = rl.seg_loss_refined
@@ -25,10 +26,10 @@ from torch import nn
 
 from trainers.config import MethodConfig, SegLossConfig, Strict
 from trainers.methods import register_method
-from trainers.methods.base import SegMethod, grad_norm
-from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig
+from trainers.methods.base import RL_TERM, SegMethod, grad_norm
+from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig, RewardControlConfig
 from trainers.models.encoders import conv_bn_relu
-from trainers.rl import Baseline, ema_update, iou_reward, k3_kl
+from trainers.rl import Baseline, RewardControl, ema_update, iou_reward, k3_kl
 from trainers.rl.reference import reference_policy
 from trainers.schedules import SHAPES, curriculum
 
@@ -72,6 +73,8 @@ class ClipRLConfig(MethodConfig):
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)   # the same kinds as latent_rl (+ GRPO)
+    # control only (rl_config): r = IoU(O) - IoU(s_L) is signed and mostly near 0, so `random` is Gaussian
+    reward: RewardControlConfig = Field(default_factory=RewardControlConfig)
     loss: ClipRLLossConfig = Field(default_factory=ClipRLLossConfig)
     eval_sample: bool = False
 
@@ -85,6 +88,11 @@ class ClipRLConfig(MethodConfig):
 
 @register_method("clip_rl", ClipRLConfig)
 class ClipRL(SegMethod):
+    # rl/grad_share is over the rest: decoder and residual net (the CLIP tower is frozen). L_RL's gradient reaches the
+    # agent only (A has none, pi reads GAP(z) of the frozen tower), so there it is exactly 0: the agent shapes the
+    # segmentor through the alpha it picks in L_seg(O), not through a gradient.
+    POLICY_MODULES = ("agent",)
+
     def __init__(self, cfg, num_classes: int, ignore_index: int):
         super().__init__(cfg, num_classes, ignore_index)
         m = cfg.method
@@ -108,10 +116,14 @@ class ClipRL(SegMethod):
             self.register_buffer("actions", torch.tensor(actions), persistent=False)
         elif m.loss.kl_reference != "none":
             raise ValueError("method.loss.kl_reference needs the agent (method.rl.enabled=true)")
+        elif m.reward.control != "none":
+            raise ValueError("method.reward.control needs the agent (method.rl.enabled=true)")
         # Seg-R1's reference policy for the k3 term (None without one)
         self.ref_agent = (reference_policy(self.agent, m.loss.kl_reference, m.loss.reference_checkpoint, "agent.")
                           if self.agent is not None else None)
         self.baseline = Baseline(m.baseline.kind, m.baseline.tau, (m.baseline.a_min, m.baseline.a_max))
+        # spurious-reward control (ours): replaces the reward's content before the baseline; its own RNG stream
+        self.reward_control = RewardControl(m.reward.control, cfg.seed) if m.reward.control != "none" else None
         self.group = m.baseline.group_size if m.baseline.kind == "group" else 1
         self.f = 1.0
         # f = 1 (constant) leaves the residual and agent without gradients; DDP must be told
@@ -157,7 +169,8 @@ class ClipRL(SegMethod):
             iou_o = iou_reward(refined, masks_g, self.num_classes, self.ignore_index)
             iou_l = iou_reward(s_l, masks, self.num_classes, self.ignore_index)
             reward = iou_o.view(b, g) - iou_l[:, None]                              # IoU(O) - IoU(s_L)
-            adv = self.baseline.advantages(reward if g > 1 else reward[:, 0]).view(b, g)
+            used = reward if self.reward_control is None else self.reward_control(reward)   # across all B*G
+            adv = self.baseline.advantages(used if g > 1 else used[:, 0]).view(b, g)
         logp = dist.log_prob(a.T).T                                                 # (B, G)
         loss_rl = -(adv * logp).mean()                                              # REINFORCE
         out.update({f"{k}_O": v for k, v in seg_o.items()})
@@ -165,13 +178,17 @@ class ClipRL(SegMethod):
                    baseline=self.baseline.value.float(), alpha=alpha.float().mean(), entropy=dist.entropy().mean().detach())
         out["loss"] = f * seg_l["loss_seg"] + (1 - f) * (m.rl.seg_loss_refined * seg_o["loss_seg"]
                                                          + m.rl.lambda_rl * loss_rl)
+        out[RL_TERM + "policy"] = (1 - f) * m.rl.lambda_rl * loss_rl                  # rl/grad_share
         if self.ref_agent is not None:                                              # k3 per action (token), mean
             with torch.no_grad():
                 ref = torch.distributions.Categorical(logits=self.ref_agent(z.mean((2, 3))))
                 logp_ref = ref.log_prob(a.T).T
             loss_ref = k3_kl(logp, logp_ref).mean()
             out["loss"] = out["loss"] + (1 - f) * m.loss.beta_ref * loss_ref
+            out[RL_TERM + "ref"] = (1 - f) * m.loss.beta_ref * loss_ref
             out["rl/kl_ref"] = loss_ref.detach()
+        if self.reward_control is not None:     # train/reward stays the real reward
+            out["rl/reward_used"] = used.mean()
         return out
 
     def grad_stats(self) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ Read top to bottom beside the paper:
     s = mu + sigma * eps                               Eq. 11, eps ~ N(0, 1) of shape (B, d, h, w)
     z_mod = modulation(z, s)                           Eq. 13-14 (Table 7: add, mul, concat, mha)
     logits = f_dec(z_mod)                              -> L_seg (Eq. 2) and the rewards
-    r = sum_k lambda_k r^k                             Eq. 15 (Table 5a)
+    r = sum_k lambda_k r^k                             Eq. 15 (Table 5a); reward.control replaces its content (ours:
+                                                       random / shuffled / inverted, trainers.rl.control_rewards)
     A = clamp(r - b, a_min, a_max)                     Eq. 16-18 (Table 5b: none, batch mean, EMA; + Seg-R1 GRPO group),
                                                        b from the global batch (all ranks)
     L_Policy = PPO clip with rho = pi_phi / pi_old     Eq. 4, pi_old = EMA of pi_phi (Eq. 19), never trained
@@ -32,9 +33,9 @@ from torch import nn
 from trainers.config import MethodConfig, Strict
 from trainers.losses import segmentation_loss
 from trainers.methods import register_method
-from trainers.methods.base import SegMethod, grad_norm
-from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig
-from trainers.rl import (Baseline, GaussianLatentPolicy, ema_update, gaussian_kl, gaussian_log_prob,
+from trainers.methods.base import RL_TERM, SegMethod, grad_norm
+from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig, RewardControlConfig
+from trainers.rl import (Baseline, GaussianLatentPolicy, RewardControl, ema_update, gaussian_kl, gaussian_log_prob,
                          gaussian_log_ratio_moments, k3_kl, policy_gradient_loss, ppo_clip_objective, ppo_health,
                          sample_moments, segmentation_rewards, weighted_reward)
 from trainers.rl.objectives import LOG_RATIO_CAP
@@ -61,11 +62,12 @@ class RewardWeights(Strict):                    # lambda_* of Eq. 15 (paper: all
     boundary: float = 1.0
 
 
-class RewardConfig(Strict):
+class RewardConfig(RewardControlConfig):   # + control: none | random | shuffled | inverted (rl_config)
     weights: RewardWeights = Field(default_factory=RewardWeights)
-    # r^Boundary (trainers/rl/boundary.py); paper 002 says "boundary F1" only. Tolerance: DAVIS's rule (pixels when
-    # >= 1, else a fraction of the diagonal), 1 px; band: the widest ignore band (px) an outline may run through
-    # (VOC's is ~5 px).
+    # r^Boundary (trainers/rl/boundary.py): paper 002 says only that it "measures edge accuracy by comparing
+    # predicted and ground-truth boundaries"; the class-wise BF score (Csurka et al. 2013; DAVIS F) is our reading.
+    # Tolerance: DAVIS's rule (pixels when >= 1, else a fraction of the diagonal), the radius of the matching disk,
+    # 1 px; band (ours): how far (px, through ignore pixels) a VOC-style 255 band may carry an outline (VOC's ~5 px).
     boundary_tolerance: float = Field(1.0, gt=0)
     boundary_band: int = Field(8, ge=0)
 
@@ -78,6 +80,9 @@ class LossConfig(ReferenceKLConfig):
     # element: one ratio per (d, h, w) element and the per-element KL, both averaged (token-level PPO as in
     # LLM RL; beyond the paper: the image-level ratio of d*h*w terms leaves [1 - eps, 1 + eps] after one step).
     ratio_level: Literal["image", "element"] = "image"
+    # element only: how an image's d*h*w terms of L_Policy, L_KL (and k3) combine. mean: the token mean above; sum:
+    # Eq. 12's sum over d*h*w (the image level's scale; the clip stays per element). train/loss_policy follows it.
+    element_reduction: Literal["mean", "sum"] = "mean"
     # |log rho| past which rho continues linearly (objectives.soft_capped_ratio): finite and never a zero gradient.
     log_ratio_cap: float = Field(LOG_RATIO_CAP, gt=0)
     # ppo_clip: Eq. 4. seg_r1: Seg-R1 as released, -mean(exp(logp - sg(logp)) A) without ratio clip, a mean over
@@ -147,6 +152,8 @@ class Modulation(nn.Module):
 
 @register_method("latent_rl", LatentRLConfig)
 class LatentRL(SegMethod):
+    POLICY_MODULES = ("policy",)     # pi_phi; rl/grad_share is over the rest (encoder, modulation, decoder)
+
     def __init__(self, cfg, num_classes: int, ignore_index: int):
         m = cfg.method
         if not m.policy.enabled and m.modulation != "mha":
@@ -166,9 +173,13 @@ class LatentRL(SegMethod):
                 self.ref_policy = reference_policy(self.policy, m.loss.kl_reference, m.loss.reference_checkpoint)
         elif m.loss.kl_reference != "none":
             raise ValueError("method.loss.kl_reference needs a policy (method.policy.enabled=true)")
+        elif m.reward.control != "none":
+            raise ValueError("method.reward.control needs a policy (method.policy.enabled=true)")
         self.baseline = Baseline(m.baseline.kind, m.baseline.tau, (m.baseline.a_min, m.baseline.a_max))
         self.group = m.baseline.group_size if m.baseline.kind == "group" else 1
         self.weights = m.reward.weights.model_dump()
+        # spurious-reward control (ours): replaces r's content before the baseline; its own RNG stream
+        self.reward_control = RewardControl(m.reward.control, cfg.seed) if m.reward.control != "none" else None
         self.rl_phase = m.regime != "sft_then_rl"
         self.seg_phase = m.regime != "rl_only"
         # rl_only / sft_then_rl leave some parameters without gradients in some steps
@@ -220,7 +231,9 @@ class LatentRL(SegMethod):
                                            boundary_tolerance=m.reward.boundary_tolerance,
                                            boundary_band=m.reward.boundary_band)
             r = weighted_reward(rewards, self.weights)                      # Eq. 15
-            adv = self.baseline.advantages(r.view(-1, self.group) if self.group > 1 else r).reshape(-1)  # Eq. 16-18
+            r_used = r if self.reward_control is None else self.reward_control(r)   # control: across all B*G samples
+            adv = self.baseline.advantages(                                 # Eq. 16-18
+                r_used.view(-1, self.group) if self.group > 1 else r_used).reshape(-1)
         kl = gaussian_kl(mu_old, log_sigma_old, mu, log_sigma, spatial=h * w)         # Eq. 5, KL(old || phi), (B,)
         # Eq. 12: log-density of the constant action s under phi and phi_old
         s = s.detach()
@@ -230,7 +243,9 @@ class LatentRL(SegMethod):
             with torch.no_grad():
                 logp_old = gaussian_log_prob(s, mu_old_g, log_sigma_old_g, reduce=False).flatten(1)
             log_ratio = gaussian_log_prob(s, mu_g, log_sigma_g, reduce=False).flatten(1) - logp_old
-            adv_t, kl = adv[:, None], kl / log_ratio.shape[1]
+            adv_t = adv[:, None]
+            if m.loss.element_reduction == "mean":     # sum: kl is already the sum over d*h*w (Eq. 5)
+                kl = kl / log_ratio.shape[1]
         else:   # the sum over d*h*w terms from s's per-channel moments, each channel's difference formed first
             log_ratio = gaussian_log_ratio_moments(sample_moments(s, center=mu_g), mu_g, log_sigma_g,
                                                    mu_old_g, log_sigma_old_g)
@@ -239,26 +254,35 @@ class LatentRL(SegMethod):
             loss_policy = policy_gradient_loss(log_ratio, adv_t)
         else:
             loss_policy = ppo_clip_objective(log_ratio, adv_t, m.loss.ppo_eps, m.loss.log_ratio_cap)  # Eq. 4
+        sum_terms = m.loss.ratio_level == "element" and m.loss.element_reduction == "sum"
+        if sum_terms:                         # the mean over (B, d*h*w) terms times d*h*w: per image sums, mean over B
+            loss_policy = loss_policy * log_ratio.shape[1]
         loss_kl = kl.mean()
 
         loss = logits.new_zeros(())
         if self.seg_phase:
             loss = loss + out["loss_seg"]
+        terms = {}                            # the RL terms as they enter the loss (RL_TERM, rl/grad_share)
         if self.rl_phase:
-            loss = loss + m.loss.lambda_policy * loss_policy + m.loss.lambda_kl * loss_kl   # Eq. 6
+            terms.update(policy=m.loss.lambda_policy * loss_policy, kl=m.loss.lambda_kl * loss_kl)
+            loss = loss + terms["policy"] + terms["kl"]                     # Eq. 6
         if m.loss.kl_reference != "none":
             loss_ref = self.reference_kl(state, s, mu_g, log_sigma_g, (mu_old_g, log_sigma_old_g),
-                                         image_level=m.loss.ratio_level == "image")
+                                         image_level=m.loss.ratio_level == "image" or sum_terms)
             if self.rl_phase:
-                loss = loss + m.loss.beta_ref * loss_ref
+                terms["ref"] = m.loss.beta_ref * loss_ref
+                loss = loss + terms["ref"]
             out["rl/kl_ref"] = loss_ref.detach()
         stats = ppo_health(log_ratio, m.loss.ppo_eps, adv_t)
         out.update(
             loss=loss, loss_policy=loss_policy.detach(), loss_kl=loss_kl.detach(), reward=r.mean(),
             advantage=adv.mean(), baseline=self.baseline.value.detach().float(), log_sigma=log_sigma.detach().mean(),
-            **{f"rl/{k}": v for k, v in stats.items()}, **{f"reward_{k}": v.mean() for k, v in rewards.items()})
+            **{f"rl/{k}": v for k, v in stats.items()}, **{f"reward_{k}": v.nanmean() for k, v in rewards.items()},
+            **{RL_TERM + k: v for k, v in terms.items()})
         if self.modulation.kind == "mha":
             out["alpha"] = self.modulation.alpha.detach()
+        if self.reward_control is not None:     # train/reward stays the real reward
+            out["rl/reward_used"] = r_used.mean()
         return out
 
     def reference_kl(self, state: torch.Tensor, s: torch.Tensor, mu_g: torch.Tensor, log_sigma_g: torch.Tensor,

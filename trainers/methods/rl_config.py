@@ -1,6 +1,6 @@
-"""Config pieces that latent_rl and clip_rl (and Seg-R1's GRPO) share: the reward baseline and the KL penalty to a
-reference policy. Each value the papers leave unstated says where its default comes from (README: "Values the
-papers leave unstated")."""
+"""Config pieces that latent_rl and clip_rl (and Seg-R1's GRPO) share: the reward baseline, the reward control and
+the KL penalty to a reference policy. Each value the papers leave unstated says where its default comes from (README:
+"Values the papers leave unstated")."""
 from __future__ import annotations
 
 from typing import Literal
@@ -24,6 +24,17 @@ class BaselineConfig(Strict):
         if self.a_min is not None and self.a_max is not None and self.a_min >= self.a_max:
             raise ValueError(f"a_min ({self.a_min}) must be below a_max ({self.a_max})")
         return self
+
+
+class RewardControlConfig(Strict):
+    """`method.reward.control` (ours; no seed paper has it; Shao et al. 2025, "Spurious Rewards"): keep everything but
+    the reward's content (sampling, baseline, KL, schedule). It acts on the per-sample scalar reward that feeds the
+    baseline (trainers.rl.control_rewards); train/reward and the reward terms stay the real reward, rl/reward_used is
+    the controlled one. random: i.i.d. with the previous step's batch mean and std (Bernoulli at that mean when every
+    reward is 0 or 1; why the previous step's: trainers.rl.rewards.RewardControl); shuffled: the batch's rewards permuted (across groups for GRPO); inverted: -r. What r is per method:
+    latent_rl sum_k lambda_k r^k (Eq. 15, in [0, sum lambda]); clip_rl IoU(O) - IoU(s_L) (signed, mostly near 0);
+    seg_r1 valid (0.7 IoU + 0.3 S) + valid (format), in [0, 2]. None of them is 0/1, so random is Gaussian."""
+    control: Literal["none", "random", "shuffled", "inverted"] = "none"
 
 
 class ReferenceKLConfig(Strict):

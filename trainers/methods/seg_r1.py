@@ -6,7 +6,8 @@ is the reward; GRPO trains the policy, no critic. Read top to bottom beside the 
     a_1..a_G ~ pi(. | emb)                             G prompts per image (release: 4), token by token (prompt_policy)
     mask_g = OR_m segmenter(emb, box_m, points_m)      masks of several boxes OR-ed (release)
     r_g = valid_g (w_iou IoU + w_s S-measure) + w_format valid_g     (release: 0.7, 0.3; format reward 0 / 1, and a
-                                                       prompt that fails it gets no mask reward)
+                                                       prompt that fails it gets no mask reward; reward.control
+                                                       replaces r's content, ours)
     A_g = (r_g - mean_G r) / (std_G r + 1e-4)          trainers.rl.group_advantages (unbiased std, as TRL)
     L = token-mean( -exp(logp - sg(logp)) A + beta k3(pi || pi_ref) )   release: no ratio clip, beta 0.04
         (policy_loss ppo_clip: TRL's clipped form; with one update per rollout the ratio is 1 and the clip inactive)
@@ -29,10 +30,10 @@ from trainers.methods import register_method
 from trainers.methods.base import grad_norm
 from trainers.methods.prompt_policy import PromptPolicy, parse
 from trainers.methods.promptable_pretrain import ForegroundMethod, SegmenterConfig, mask_boxes, sample_pixels
-from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig
+from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig, RewardControlConfig
 from trainers.methods.segmenter_cache import segmenter_checkpoint
 from trainers.models.promptable import build_promptable
-from trainers.rl import Baseline, k3_kl, policy_gradient_loss, ppo_clip_loss, ppo_stats
+from trainers.rl import Baseline, RewardControl, k3_kl, policy_gradient_loss, ppo_clip_loss, ppo_stats
 from trainers.rl.reference import reference_policy
 from trainers.sod_metrics import binary_iou, s_measure
 
@@ -47,7 +48,8 @@ class PolicyConfig(Strict):
     min_box: float = Field(1 / 32, ge=0)             # a box narrower than this (image fraction) is degenerate
 
 
-class RewardWeights(Strict):                         # Seg-R1 release: 0.7 IoU + 0.3 S-measure, plus the format reward
+class RewardWeights(RewardControlConfig):            # Seg-R1 release: 0.7 IoU + 0.3 S-measure, plus the format reward
+    # + control (rl_config): r in [0, 2] (valid (0.7 IoU + 0.3 S) + format), so `random` is Gaussian
     iou: float = Field(0.7, ge=0)
     s_measure: float = Field(0.3, ge=0)
     format: float = Field(1.0, ge=0)
@@ -106,6 +108,8 @@ class SegR1(ForegroundMethod):
                                    m.policy.init_log_sigma)
         self.ref_policy = reference_policy(self.policy, m.loss.kl_reference, m.loss.reference_checkpoint)
         self.baseline = Baseline("group", clip=(m.baseline.a_min, m.baseline.a_max))
+        # spurious-reward control (ours): replaces r's content before the group baseline; its own RNG stream
+        self.reward_control = RewardControl(m.reward.control, cfg.seed) if m.reward.control != "none" else None
         self.group = m.baseline.group_size
         self.ddp_find_unused_parameters = True       # box-only policies leave the label head unused
 
@@ -164,7 +168,8 @@ class SegR1(ForegroundMethod):
         s = s_measure(pred.float(), gt_g)
         fmt = valid.float()
         r = fmt * (m.reward.iou * iou + m.reward.s_measure * s) + m.reward.format * fmt
-        adv = self.baseline.advantages(r.view(-1, g)).reshape(-1)               # (r - mean_G) / (std_G + 1e-4)
+        used = r if self.reward_control is None else self.reward_control(r)     # across all B*G (other images)
+        adv = self.baseline.advantages(used.view(-1, g)).reshape(-1)            # (r - mean_G) / (std_G + 1e-4)
 
         # the update: per-token log pi of the sampled prompts (teacher-forced), token mean
         logp = self.policy.log_prob(feats, values)                               # (B*G, T)
@@ -186,8 +191,12 @@ class SegR1(ForegroundMethod):
                     "rl/format_valid": fmt.mean(), "rl/reward_std_group": r.view(-1, g).std(1).mean(),
                     "rl/adv_abs_mean": adv.abs().mean(), "rl/logp_mean": logp.detach().mean()})
         out.update({f"rl/{k}": v for k, v in ppo_stats(logp, logp.detach(), m.loss.ppo_eps, adv[:, None]).items()})
+        if self.reward_control is not None:     # rl/reward stays the real reward
+            out["rl/reward_used"] = used.mean()
         return out
 
+    # No rl/grad_share (POLICY_MODULES stays empty): the segmenter is frozen, so no segmentor weight gets a gradient
+    # from anything, and the policy never has an SFT term beside its RL terms (regime sft is SFT alone, grpo RL alone).
     def grad_stats(self) -> dict[str, torch.Tensor]:
         return {"rl/policy_grad_norm": grad_norm(self.policy)}
 

@@ -1,107 +1,138 @@
-"""r^Boundary of paper 002 (Eq. 15): class-aware boundary F1 with a tolerance, aware of ignore bands.
+"""r^Boundary of paper 002 (Eq. 15): the class-wise boundary F score (BF), aware of ignore bands.
 
-Definition (per image; Csurka et al. 2013's class-wise BF score, DAVIS `f_measure`'s matching rule):
-  * For every class c the target splits the image into certain-c pixels C (target == c), certain-not-c pixels N
-    (another valid label) and unknown pixels U (ignore_index). The *band* of c, Z_c, is the set of ignore pixels
-    that lie, through ignore pixels, within `band` steps of both C and N: an ignore band that separates c from
-    something else (VOC draws a ~5 px 255 band around every object, so its true outline lies somewhere inside).
-  * Target boundary of c, TB_c: valid pixels next to a valid pixel on the other side of c (the 8-neighbour
-    morphological gradient of the binary map, both sides), plus the valid pixels that touch Z_c (the band's rims:
-    the outline runs through the band between them).
-  * Predicted boundary of c, PB_c: the same gradient of (prediction == c), on the pixels that can be judged
-    (valid pixels and the bands of every class). The prediction on other ignore pixels never counts.
-  * Precision P_c = |PB_c matched| / |PB_c|: a predicted edge matches when it lies within `tolerance` of TB_c or
-    anywhere inside Z_c. Recall R_c = |TB_c matched| / |TB_c|: a target boundary pixel matches when a predicted edge
-    of c lies within `tolerance` of it or, for a rim pixel, anywhere inside (or within `tolerance` of) the band it
-    touches (reached through Z_c in at most `band` steps). So an outline inside a band is matched by a predicted c-edge anywhere in that
-    band, and by nothing else: an empty prediction (no edge), an edge of another class, or a band alone score 0.
-  * F_c = 2 P R / (P + R) (0 when P + R = 0; 0 when only one of PB_c, TB_c is empty). The image's reward is the mean
-    of F_c over the classes with a boundary in either map; an image where no class has one scores 1 (DAVIS: both
-    empty).
-With no ignore pixel this is the plain class-wise boundary F1 with a Chebyshev tolerance.
+The paper says only that r^Boundary "measures edge accuracy by comparing predicted and ground-truth boundaries".
+Our reading is the class-wise BF score of Csurka et al. 2013 ("What is a good evaluation measure for semantic
+segmentation?"), built from the DAVIS boundary F measure (`f_measure` / `seg2bmap` of the DAVIS benchmark,
+Perazzi et al. 2016), per class:
 
-`tolerance`: pixels when >= 1, else a fraction of the image diagonal (DAVIS uses 0.008); rounded up to whole
-pixels (a (2t + 1)^2 square). `band`: how wide an ignore band (pixels) can be and still carry an outline; 0 turns
-the band rule off (ignore pixels then only drop out).
-All work is batched over images, with the classes as bit sets (one bit a class, packed into the smallest integer
-type that holds them; several int64 words past 63 classes): a per-class map costs what one label map costs, and
-there is no Python loop over images or classes.
+  * Boundary map of a binary map M (DAVIS `seg2bmap`): pixel p is a boundary pixel when M(p) differs from M at its
+    right, bottom or bottom-right neighbour (the neighbours that exist). One pixel thick, on one side of the edge
+    only (offset half a pixel towards the origin), and the image border is no boundary: a class region touching
+    the border has no boundary along it. PB_c = boundary map of (prediction == c), TB_c = of (target == c).
+  * Tolerance disk D_t = {(dy, dx): dy^2 + dx^2 <= t^2} (skimage `disk(t)`, as DAVIS dilates with; t = 1 is the
+    4-neighbour cross). Precision P_c = |PB_c within D_t of TB_c| / |PB_c|, recall R_c = |TB_c within D_t of
+    PB_c| / |TB_c|, F_c = 2 P R / (P + R) (0 when P + R = 0).
+  * DAVIS's empty cases: PB_c and TB_c both empty -> F_c = 1; exactly one empty -> F_c = 0. And one of ours, so a
+    uniform prediction of the wrong class cannot score 1: a class present in exactly one of the two maps scores
+    F_c = 0 even when neither map has a boundary of it.
+  * The image's r^Boundary = mean of F_c over the classes present in the target (on valid pixels) or in the
+    prediction (on judged pixels, below). An image whose target has no valid pixel has no boundary term: NaN
+    (rewards.weighted_reward leaves the term out of that image's reward).
+
+Ignore pixels (target == ignore_index, `valid` False). DAVIS sets its void pixels to background in both masks; we
+do not, so that a prediction never matches for free and a VOC outline drawn as a 255 band still counts:
+  * The band Z_c of class c: the ignore pixels that lie, through ignore pixels (8-connected moves), within `band`
+    moves of a valid c pixel and within `band` moves of a valid pixel of another class: an ignore band that
+    separates c from something else (VOC draws a ~5 px 255 band around every object; its true outline lies
+    somewhere inside). Judged pixels: valid pixels and the pixels of any class's band.
+  * TB_c = seg2bmap pairs of valid pixels (both valid), plus the c side of each band: the valid c pixels that
+    touch Z_c (8-neighbours). One rim per class, so each outline through a band counts once for c, like a thin
+    boundary. PB_c = seg2bmap pairs of judged pixels (both judged); the prediction on other ignore pixels never
+    counts.
+  * Matching: a predicted c-edge is precise when it lies within D_t of TB_c or of where seg2bmap would mark an
+    outline through the band (Z_c, and the pixels whose right, bottom or bottom-right neighbour is in Z_c): the
+    outline may run through any band pixel. A target boundary pixel is found when a predicted c-edge lies within
+    D_t of it, or when it touches a band pixel reached, through Z_c in at most `band` moves, from a pixel of Z_c
+    within D_t of a predicted c-edge. So an outline inside a band is matched by a predicted c-edge inside (or
+    within D_t of) that band, and by nothing else: no edge, an edge of another class, or a band alone score 0.
+With no ignore pixel this is the plain class-wise BF score: DAVIS's F measure of each class's binary map.
+
+`tolerance`: pixels when >= 1, else that fraction of the image diagonal (DAVIS's bound_th, default 0.008); rounded
+up to whole pixels. `band`: how far (moves through ignore pixels) a band pixel may lie from both sides and still
+carry an outline; 0 turns the band rule off (ignore pixels then only drop out).
+
+All work is batched over images, with the classes as bit sets: one bit a class, 8 classes a byte, (B, words, H, W)
+uint8, so a per-class map costs ceil(K / 8) bytes a pixel; no Python loop over images or classes and no host sync
+on a GPU (on CPU one look at `valid` skips the ignore-pixel work for a batch without ignore pixels).
 """
 from __future__ import annotations
 
+import functools
 import math
-import sys
 
 import torch
 
-# The 4 neighbour offsets (dy, dx) of the 3x3 neighbourhood up to symmetry: right, down, down-right, down-left.
-_PAIRS = ((0, 1), (1, 0), (1, 1), (1, -1))
-# (dtype, usable bits) of one class-set word; int64 keeps its sign bit clear.
-_WORDS = ((torch.uint8, 8), (torch.int16, 15), (torch.int32, 31), (torch.int64, 63))
+# seg2bmap compares each pixel with these neighbours (dy, dx): right, bottom, bottom-right.
+_SEG2BMAP = ((0, 1), (1, 0), (1, 1))
 
 
 def tolerance_pixels(tolerance: float, height: int, width: int) -> int:
-    """DAVIS: `tolerance` pixels when >= 1, else that fraction of the image diagonal; at least 1 pixel."""
+    """DAVIS: `tolerance` pixels when >= 1, else that fraction of the image diagonal; rounded up, at least 1."""
     if tolerance >= 1:
         return int(math.ceil(tolerance))
     return max(1, int(math.ceil(tolerance * math.hypot(height, width))))
 
 
-assert sys.byteorder == "little", "ClassSets.counts reads class bits as little-endian bytes"
-
-
 class ClassSets:
-    """Sets of classes per pixel as bit masks (B, words, H, W): class c is bit c % per_word of word c // per_word."""
+    """Sets of classes per pixel as bytes (..., words, H, W) uint8: class c is bit c % 8 of word c // 8."""
 
     def __init__(self, num_classes: int, device: torch.device):
         self.num_classes = num_classes
-        self.dtype, self.per_word = next(((dt, n) for dt, n in _WORDS if num_classes <= n), _WORDS[-1])
-        self.words = -(-num_classes // self.per_word)
+        self.words = -(-num_classes // 8)
         c = torch.arange(num_classes, device=device)
-        self.word_of, self.bit_of = c // self.per_word, c % self.per_word
-        full = torch.zeros(self.words, dtype=torch.int64, device=device).index_add_(0, self.word_of, 1 << self.bit_of)
-        self.full = full.to(self.dtype).view(1, -1, 1, 1)                # every class
-        # for counts(): bytes per pixel, each class's bit among them (little-endian words), the bits of 0..255
-        word_bytes = torch.empty((), dtype=self.dtype).element_size()
-        self.bytes = self.words * word_bytes
-        self.position = self.word_of * (8 * word_bytes) + self.bit_of
+        table = torch.zeros(num_classes, self.words, dtype=torch.uint8, device=device)
+        self.table = table.index_put_((c, c // 8), (1 << (c % 8)).to(torch.uint8))    # row c: the set {c}
+        # for counts(): the bits of each byte value 0..255
         self.byte_bits = ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).double()
 
     def of(self, labels: torch.Tensor) -> torch.Tensor:
-        """labels (B, H, W) in [0, K) -> the singleton sets {label}, (B, words, H, W)."""
-        bit = (1 << (labels if self.words == 1 else labels % self.per_word)).to(self.dtype)
+        """labels (B, H, W) int64 in [0, K) -> the singleton sets {label}, (B, words, H, W)."""
         if self.words == 1:
-            return bit[:, None]
-        out = torch.zeros((labels.shape[0], self.words, *labels.shape[1:]), dtype=self.dtype, device=labels.device)
-        return out.scatter_(1, (labels // self.per_word)[:, None], bit[:, None])
+            return (1 << labels).to(torch.uint8)[:, None]
+        b, h, w = labels.shape
+        return self.table.index_select(0, labels.flatten()).view(b, h, w, self.words).permute(0, 3, 1, 2).contiguous()
 
     def counts(self, sets: torch.Tensor) -> torch.Tensor:
-        """(B, words, H, W) -> how many pixels hold each class, (B, K) int64. Read as bytes: one 256-bin histogram
-        per (image, byte) and a (256, 8) table of the bits of each byte value, instead of a (B, K, H, W) unpacking."""
-        b = sets.shape[0]
-        as_bytes = sets.permute(0, 2, 3, 1).reshape(b, -1).view(torch.uint8).view(b, -1, self.bytes)
-        n_bins = b * self.bytes * 256
-        bins = (torch.arange(b * self.bytes, device=sets.device).view(b, 1, -1) * 256 + as_bytes.long()).flatten()
-        hist = torch.bincount(bins, minlength=n_bins).view(b, self.bytes, 256).double()
-        per_bit = (hist @ self.byte_bits).flatten(1)                      # (B, bytes * 8): bit j of the pixel's bytes
-        return per_bit[:, self.position].round().long()
+        """(..., words, H, W) -> how many pixels hold each class, (..., K) float64 (exact). One 256-bin histogram
+        per (map, word) plane, then a (256, 8) table of the bits of each byte value: no (K, H, W) unpacking."""
+        lead, hw = sets.shape[:-3], sets.shape[-2] * sets.shape[-1]
+        planes = sets.reshape(-1, hw)
+        n = planes.shape[0]
+        # bin = 256 * plane + byte, int32; index_add_, not bincount, which syncs on a GPU
+        offsets = torch.arange(0, 256 * n, 256, device=sets.device, dtype=torch.int32)
+        bins = planes.to(torch.int32).add_(offsets[:, None])
+        hist = torch.zeros(n * 256, dtype=torch.int64, device=sets.device)
+        hist.index_add_(0, bins.flatten(), hist.new_ones(1).expand(bins.numel()))
+        per_bit = hist.view(n, 256).double() @ self.byte_bits           # (n, 8): bit j of each plane's word
+        return per_bit.view(*lead, self.words * 8)[..., :self.num_classes]
 
-def where(mask: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
-    """The sets where mask (B, H, W) holds, the empty set elsewhere."""
-    return sets * mask[:, None].to(sets.dtype)
+
+@functools.lru_cache(maxsize=16)
+def _class_sets(num_classes: int, device: torch.device) -> ClassSets:
+    return ClassSets(num_classes, device)
 
 
-def dilate(sets: torch.Tensor, steps: int = 1) -> torch.Tensor:
-    """Chebyshev dilation by `steps` pixels of (..., H, W) bool maps or class sets (union over a (2 steps + 1)^2
-    square), as row then column passes of width 3 (outside the image: nothing)."""
-    out = sets
-    for _ in range(steps):
-        rows = out.clone()
-        rows[..., 1:] |= out[..., :-1]
-        rows[..., :-1] |= out[..., 1:]
-        out = rows.clone()
-        out[..., 1:, :] |= rows[..., :-1, :]
-        out[..., :-1, :] |= rows[..., 1:, :]
+def byte_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool -> (B, 1, H, W) uint8, 0xFF where True: `sets & byte_mask(m)` keeps the sets where m holds."""
+    return mask.to(torch.uint8).mul_(255)[:, None]
+
+
+def _shifted_or_(out: torch.Tensor, x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """out[..., i, j] |= x[..., i + dy, j + dx] where that pixel exists (in place)."""
+    h, w = x.shape[-2:]
+    if abs(dy) >= h or abs(dx) >= w:                  # no such pixel (and a negative stop would wrap around)
+        return out
+    out[..., max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] |= \
+        x[..., max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
+    return out
+
+
+def dilate_square(sets: torch.Tensor) -> torch.Tensor:
+    """Union over each pixel's 3x3 neighbourhood (8-neighbour step) of (..., H, W) class sets or bool maps."""
+    rows = _shifted_or_(_shifted_or_(sets.clone(), sets, 0, 1), sets, 0, -1)
+    return _shifted_or_(_shifted_or_(rows.clone(), rows, 1, 0), rows, -1, 0)
+
+
+def dilate_disk(sets: torch.Tensor, radius: int) -> torch.Tensor:
+    """Union over the disk {dy^2 + dx^2 <= radius^2} around each pixel (skimage disk(radius)); outside: nothing.
+    Row spans: spans[a] is the union over |dx| <= a, and row dy of the disk takes spans[isqrt(r^2 - dy^2)]."""
+    spans = [sets]
+    for a in range(1, radius + 1):
+        spans.append(_shifted_or_(_shifted_or_(spans[-1].clone(), sets, 0, a), sets, 0, -a))
+    out = spans[radius]                                   # row dy = 0; spans[radius] serves no other row
+    for dy in range(1, radius + 1):
+        a = math.isqrt(radius * radius - dy * dy)
+        _shifted_or_(_shifted_or_(out, spans[a], dy, 0), spans[a], -dy, 0)
     return out
 
 
@@ -109,70 +140,90 @@ def geodesic_reach(seed: torch.Tensor, within: torch.Tensor, steps: int) -> torc
     """Class sets of `within` reached from `seed` by at most `steps` 8-connected moves inside `within` (per class)."""
     reach = seed & within
     for _ in range(steps):
-        reach = dilate(reach) & within
+        reach = dilate_square(reach) & within
     return reach
 
 
-def gradient(labels: torch.Tensor, domain: torch.Tensor | None, sets: ClassSets) -> torch.Tensor:
-    """Class-wise morphological gradient of a label map (B, H, W) restricted to `domain` (B, H, W) bool, None for
-    the whole image: for each pixel, the classes c for which it has an 8-neighbour in the domain on the other side
-    of c. A neighbouring pair with labels a != b puts a and b into both pixels' sets (the gradient of each binary
-    map c, both sides)."""
-    h, w = labels.shape[-2:]
-    single = sets.of(labels)
-    labels = labels.to(torch.uint8 if sets.num_classes <= 256 else torch.int32)    # compares on fewer bytes
-    out = torch.zeros_like(single)
-    for dy, dx in _PAIRS:
-        x0, x1 = max(0, -dx), w - max(0, dx)          # columns of the first pixel of each pair
-        first = (..., slice(0, h - dy), slice(x0, x1))
-        second = (..., slice(dy, h), slice(x0 + dx, x1 + dx))
-        differ = labels[first] != labels[second]
+def seg2bmap(sets: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
+    """DAVIS seg2bmap of every class at once: singleton sets (B, words, H, W) of a label map -> for each pixel p the
+    classes c for which (label(p) == c) != (label(q) == c) at its right, bottom or bottom-right neighbour q, i.e.
+    the symmetric difference {label(p)} ^ {label(q)}. domain: (B, 1, H, W) byte_mask; a pair counts only when both
+    of its pixels are in it. None: the whole image."""
+    h, w = sets.shape[-2:]
+    out = torch.zeros_like(sets)
+    for dy, dx in _SEG2BMAP:
+        first, second = (..., slice(0, h - dy), slice(0, w - dx)), (..., slice(dy, h), slice(dx, w))
+        pair = sets[first] ^ sets[second]
         if domain is not None:
-            differ &= domain[first] & domain[second]
-        pair = where(differ, single[first] | single[second])
+            pair &= domain[first] & domain[second]
         out[first] |= pair
-        out[second] |= pair
     return out
+
+
+def present(labels: torch.Tensor, mask: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """labels (B, H, W) in [0, K), mask (B, H, W) bool or None (every pixel) -> (B, K) bool: the class has a pixel
+    in mask. One scatter over the labels, cheaper than counting the class sets."""
+    b = labels.shape[0]
+    if mask is None:
+        hit = torch.ones((), dtype=torch.uint8, device=labels.device).expand(b, labels[0].numel())
+    else:
+        hit = mask.flatten(1).to(torch.uint8)
+    seen = torch.zeros(b, num_classes, dtype=torch.uint8, device=labels.device)
+    return seen.scatter_reduce_(1, labels.flatten(1), hit, "amax") > 0
 
 
 @torch.no_grad()
 def boundary_f1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, num_classes: int,
                 tolerance: float = 1.0, band: int = 8) -> torch.Tensor:
     """pred (B, H, W) class ids in [0, K), target (B, H, W) class ids in [0, K) (any such value where not valid),
-    valid (B, H, W) bool -> r^Boundary (B,) float32 in [0, 1], as the module docstring defines it."""
+    valid (B, H, W) bool -> r^Boundary (B,) float32 in [0, 1], NaN for an image without a valid pixel, as the
+    module docstring defines it."""
     h, w = pred.shape[-2:]
     t = tolerance_pixels(tolerance, h, w)
-    sets = ClassSets(num_classes, pred.device)
-    # The band rule needs ignore pixels. On CPU, look (no device to wait for); on a GPU the look would be a host
-    # sync, and the band work there costs less than one.
+    sets = _class_sets(num_classes, pred.device)
+    target_sets, pred_sets = sets.of(target), sets.of(pred)
+    # On CPU, look for ignore pixels (no device to wait for) and skip the masks without them; on a GPU the look
+    # would be a host sync, and the masked work there costs less than one.
     all_valid = not pred.is_cuda and bool(valid.all())
-    if band > 0 and not all_valid:
-        unknown = ~valid
-        is_c = where(valid, sets.of(target))                              # C: {target label} on valid pixels
-        is_n = where(valid, sets.full ^ sets.of(target))                  # N: every other class
-        zone = (geodesic_reach(where(unknown, dilate(is_c)), where(unknown, sets.full), band - 1)
-                & geodesic_reach(where(unknown, dilate(is_n)), where(unknown, sets.full), band - 1))   # Z_c
-        target_b = gradient(target, valid, sets) | where(valid, dilate(zone))             # TB_c: + the rims
-        judged = valid | (zone != 0).any(1)                                                # any class's band
+    zone = rim = None
+    if all_valid:
+        judged = known = None
     else:
-        zone = None
-        judged = None if all_valid else valid
-        target_b = gradient(target, judged, sets)
-    pred_b = gradient(pred, judged, sets)                                                  # PB_c
-    near_pred = dilate(pred_b, t)
-    precise = pred_b & dilate(target_b, t)
+        known = byte_mask(valid)
+        target_sets = target_sets & known                                 # no class on ignore pixels
+        judged = known
+        if band > 0:
+            # the classes of the valid pixels each ignore pixel reaches within `band` moves through ignore pixels;
+            # Z_c holds c where c and some other class are both reached
+            unknown = ~known
+            reach = geodesic_reach(dilate_square(target_sets), unknown, band - 1)
+            two_or_more = ((reach & (reach - 1)) != 0).any(1) | ((reach != 0).sum(1) >= 2)
+            zone = reach & byte_mask(two_or_more)                          # Z_c
+            rim = target_sets & dilate_square(zone)                       # the valid c pixels touching Z_c
+            judged = known | byte_mask((zone != 0).any(1))
+        pred_sets = pred_sets & judged
+    target_b = seg2bmap(target_sets, known)                               # TB_c
+    if rim is not None:
+        target_b |= rim
+    pred_b = seg2bmap(pred_sets, judged)                                  # PB_c
+    near_pred = dilate_disk(pred_b, t)
+    outline = target_b                                                    # where a target outline is, or may be
     found = target_b & near_pred
     if zone is not None:
-        precise = precise | (pred_b & zone)
-        # a band's rims are matched from a predicted edge of c within tolerance of the band, across the band
-        found = found | (target_b & dilate(geodesic_reach(near_pred & zone, zone, band)))
+        # seg2bmap marks an outline through a band on Z_c or on the pixel left of, above or diagonally before it
+        outline = target_b | zone
+        for dy, dx in _SEG2BMAP:
+            _shifted_or_(outline, zone, dy, dx)
+        found |= target_b & dilate_square(geodesic_reach(near_pred & zone, zone, band))
+    precise = pred_b & dilate_disk(outline, t)
 
-    n_p, n_t = sets.counts(pred_b), sets.counts(target_b)                 # (B, K)
-    precision = sets.counts(precise) / n_p.clamp_min(1)
-    recall = sets.counts(found) / n_t.clamp_min(1)
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
-    f1 = torch.where((n_p > 0) & (n_t > 0), f1, 0.0)
-    scored = (n_p + n_t) > 0                                              # classes with a boundary in either map
-    n_scored = scored.sum(1)
-    mean = torch.where(scored, f1, 0.0).sum(1) / n_scored.clamp_min(1)
-    return torch.where(n_scored > 0, mean, 1.0).float()
+    n_p, n_t, n_precise, n_found = sets.counts(torch.stack([pred_b, target_b, precise, found]))   # each (B, K)
+    in_t = present(target, valid, num_classes)
+    in_p = present(pred, None if judged is None else judged[:, 0] != 0, num_classes)
+    precision, recall = n_precise / n_p.clamp_min(1), n_found / n_t.clamp_min(1)
+    f = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+    # DAVIS: both boundary maps empty -> 1, exactly one empty -> 0; ours: a class in one map only -> 0
+    f = torch.where((n_p > 0) & (n_t > 0), f, ((n_p == 0) & (n_t == 0) & in_t & in_p).double())
+    scored = in_t | in_p
+    mean = torch.where(scored, f, 0.0).sum(1) / scored.sum(1).clamp_min(1)
+    return torch.where(in_t.any(1), mean, torch.nan).float()
