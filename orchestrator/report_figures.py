@@ -14,9 +14,10 @@ from orchestrator import table_plots
 
 CLASS_IOU = "val/IoU/"
 # RL health by row, in the papers' words: reward terms, PPO clip fraction and KL (k3), KL to the reference policy,
-# the modulation weight alpha and the policy's log sigma (002 Eq. 11-14)
-DIAGNOSTICS = (r"train/reward_.+", r"rl/reward(_.+)?", r"rl/clipfrac", r"rl/approx_kl", r"rl/kl_ref", r"train/alpha",
-               r"train/log_sigma.*", r"train/sigma.*")
+# the modulation weight alpha and the policy's log sigma (002 Eq. 11-14), and how much of the segmentor's gradient the
+# RL terms make (rl/grad_share, trainers.grad_share)
+DIAGNOSTICS = (r"train/reward_.+", r"rl/reward(_.+)?", r"rl/clipfrac", r"rl/approx_kl", r"rl/kl_ref", r"rl/grad_share",
+               r"train/alpha", r"train/log_sigma.*", r"train/sigma.*")
 
 
 # --------------------------------------------------------------------------- figures

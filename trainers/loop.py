@@ -35,7 +35,9 @@ from trainers.config import Config
 from trainers.data import build_dataset
 from trainers.accel import Accel, loader_kwargs, prepare_model
 from trainers.evaluation import ShardSampler, build_eval_sets, build_val_loader, evaluate, evaluate_sets  # noqa: F401
+from trainers.grad_share import grad_share
 from trainers.methods import build_method
+from trainers.methods.base import RL_TERM
 from trainers.optim import build_lr_schedule, build_optimizer  # noqa: F401
 from trainers.runtime import RayTrainRuntime, Runtime  # noqa: F401
 
@@ -157,15 +159,20 @@ def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Confi
                     fault_step: int = -1, accel: Accel | None = None) -> dict[str, float]:
     """One pass over this rank's shard. Sums stay on the device; one all-reduce and one sync at the end.
     fault_step: the step (0-based) at which debug.fault strikes in this epoch on this rank, -1 for none.
-    accel: precision and memory format (trainers.accel; default fp32, NCHW)."""
+    accel: precision and memory format (trainers.accel; default fp32, NCHW).
+    After the timed steps, rl/grad_share and its norms (trainers.grad_share) on the epoch's first batch, this rank's
+    own (rank 0's reach the report); they change nothing the steps or the next epoch see."""
     accel = accel or Accel(device=rt.device)
     ddp_model.train()
     sums: dict[str, torch.Tensor] = {}
     n_batches = n_images = 0
+    first = None
     t0 = time.perf_counter()
     for step, (images, masks) in enumerate(loader):
         images = accel.inputs(images)
         masks = masks.to(rt.device, non_blocking=True)
+        if first is None:
+            first = (images, masks)
         with accel.autocast():
             out = ddp_model(images, masks)
         if step == fault_step:
@@ -179,7 +186,8 @@ def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Confi
         lr_schedule.step()
         model.after_optimizer_step()
         for k, v in out.items():
-            sums[k] = sums[k] + v.detach() if k in sums else v.detach().float()
+            if not k.startswith(RL_TERM):      # the RL terms with their graph, for grad_share; train/loss_* log them
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach().float()
         n_batches += 1
         n_images += images.shape[0]
     keys = sorted(sums)
@@ -193,6 +201,7 @@ def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, cfg: Confi
     out["train/images_per_s"] = images_seen / elapsed
     out["train/lr"] = optimizer.param_groups[0]["lr"]
     out["time/epoch_s"] = elapsed
+    out.update(grad_share(model, *first, accel.autocast, rt.device))     # outside the timed steps
     return out
 
 

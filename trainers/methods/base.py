@@ -10,6 +10,11 @@ from torch import nn
 from trainers.losses import segmentation_loss
 from trainers.models import build_segmentor
 
+# forward-output keys of the RL terms exactly as they enter out["loss"], weights included and not detached
+# (latent_rl "rl_term/policy" = lambda_Policy L_Policy, ...): their sum is L_RL of rl/grad_share (trainers.grad_share);
+# trainers.loop leaves them out of the step's metrics
+RL_TERM = "rl_term/"
+
 
 class SegMethod(nn.Module):
     # what evaluation reports for a method: None = the segmentation metrics (val/mIoU, val/pixel_acc, val/IoU/<class>,
@@ -18,6 +23,9 @@ class SegMethod(nn.Module):
     # why building this method needs files (a frozen model trained elsewhere), or None: the dry run builds it without
     # weights on the meta device (trainers.methods.summary)
     BUILT_FROM_FILES: str | None = None
+    # the submodules that are the RL policy (latent_rl's pi_phi, clip_rl's agent), not the segmentor's own weights;
+    # () = no policy, and no rl/grad_share
+    POLICY_MODULES: tuple[str, ...] = ()
 
     def __init__(self, cfg, num_classes: int, ignore_index: int, decoder_in_channels: Callable[[int], int] | None = None):
         super().__init__()
@@ -55,6 +63,14 @@ class SegMethod(nn.Module):
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers by submodule name (e.g. {"policy": 0.1}); the rest trains at schedule.lr."""
         return {}
+
+    def segmentor_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters outside POLICY_MODULES (encoder, decoder and whatever else turns an image into
+        the prediction): what rl/grad_share is measured over. [] for a method without a policy."""
+        if not self.POLICY_MODULES:
+            return []
+        return [p for name, p in self.named_parameters()
+                if p.requires_grad and name.split(".", 1)[0] not in self.POLICY_MODULES]
 
     def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """Trainable parameters split by lr_scales(), for the optimizer."""
