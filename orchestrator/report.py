@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import tables
+from orchestrator.controls import control_note, has_control
 
 from orchestrator.report_figures import class_iou_matrix, diagnostic_columns, draw_figures, final_epochs
 
@@ -96,6 +97,9 @@ def summary_section(summary: pd.DataFrame, trials: pd.DataFrame, metric: str) ->
     header = ["row", "n", f"{metric} mean ± std", "95% CI of mean", f"Δ vs {ref}", "95% CI of Δ",
               f"P(improve over {ref})", "p Welch", "p Holm", "paper", "paper Δ", "seeds needed", "failed", "reused",
               "stopped early"]
+    control = has_control(summary)
+    if control:     # did the reward matter: each RL row against the spurious-reward control row
+        header[7:7] = ["Δ vs control", "p vs control (Holm)"]
     body, classes = [], []
     paper_of = dict(zip(summary["row"], summary["paper"]))
     refs = summary["reference"] if "reference" in summary else summary["row"].iloc[:1].reindex(summary.index).ffill()
@@ -110,7 +114,9 @@ def summary_section(summary: pd.DataFrame, trials: pd.DataFrame, metric: str) ->
         body.append([label, str(int(line.n)), _e(tables.fmt_mean_std(line.mean, line.std, int(line.n))),
                      _interval(line.ci_low, line.ci_high), tables.fmt_delta(line.delta),
                      _interval(line.delta_ci_low, line.delta_ci_high), _num(line.p_improve),
-                     tables.fmt_p(line.p_welch), tables.fmt_p(line.p_holm), _e(tables.fmt_paper(line.paper, line.paper_std)),
+                     tables.fmt_p(line.p_welch), tables.fmt_p(line.p_holm),
+                     *([tables.fmt_delta(line.delta_control), tables.fmt_p(line.p_control)] if control else []),
+                     _e(tables.fmt_paper(line.paper, line.paper_std)),
                      tables.DASH if ref_row == line.row else tables.fmt_delta(line.paper - paper_of[ref_row]), _seeds(line.seeds_needed), str(int(line.failed)),
                      str(reused), str(early)])
         classes.append("best" if line.best else "")
@@ -121,7 +127,8 @@ def summary_section(summary: pd.DataFrame, trials: pd.DataFrame, metric: str) ->
              f"P(improve): P(X &gt; Y) over all seed pairs, ties half (rliable). p Welch: two-sided Welch t-test vs "
              f"{_e(ref)}; p Holm: adjusted over the {tested} row(s) tested. Seeds needed: seeds per row for a "
              f"two-sided two-sample t-test (α 0.05, power 0.8) to detect the paper's Δ at the pooled std of the row "
-             f"and {_e(ref)} (noncentral t). Highlighted: best mean.</p>")
+             f"and {_e(ref)} (noncentral t). Highlighted: best mean."
+             + (f" {_e(control_note(summary))}" if control else "") + "</p>")
     return _table(header, body, classes, raw=True) + notes + columns_section(summary)
 
 

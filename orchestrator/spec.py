@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.config import flatten
+from orchestrator.controls import control_targets
 from orchestrator.columns import (DEFAULT_PROFILE, ColumnSpec, active_columns, check_columns,  # noqa: F401
                                   check_paper, paper_numbers)
 from trainers.overrides import OverrideError, apply_overrides, parse_assignments
@@ -89,6 +90,9 @@ class Spec(_SpecBase):
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     columns: list[ColumnSpec] | None = Field(None, min_length=1)   # more metrics per row (orchestrator.columns)
     rows: list[RowSpec] = Field(min_length=1)
+    # the spurious-reward control row (method.reward.control: random ...): every row of its method that trains on its
+    # real reward also gets Δ and p against it (orchestrator.controls)
+    control: str | None = Field(None, min_length=1)
 
     _unique_seeds = field_validator("seeds")(_distinct_seeds)
 
@@ -105,6 +109,8 @@ class Spec(_SpecBase):
             if row.compare_to is not None and (row.compare_to not in names or row.compare_to == row.name):
                 raise ValueError(f"rows[{i}] ({row.name}).compare_to: expected the name of another row "
                                  f"({', '.join(n for n in names if n != row.name)}), got {row.compare_to!r}")
+        if self.control is not None and self.control not in names:
+            raise ValueError(f"control: expected the name of a row ({', '.join(names)}), got {self.control!r}")
         return self
 
     @field_validator("rows")
@@ -177,8 +183,9 @@ class Plan:
         """Every spec row in spec order, as the table wants them (name, paper, paper_std, papers per column,
         compare_to, pending reason)."""
         rows = [(r, None) for r in self.rows] + [(p, p.reason) for p in self.pending]
+        against = control_targets(self.rows, getattr(self.spec, "control", None))
         return [{"name": r.name, "paper": r.paper, "paper_std": r.paper_std, "papers": r.papers,
-                 "compare_to": r.compare_to, "pending": reason}
+                 "compare_to": r.compare_to, "pending": reason, "control": against.get(r.name)}
                 for r, reason in sorted(rows, key=lambda t: t[0].index)]
 
     def resolved(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ returns NaN where the data cannot support an answer (fewer than 2 seeds), never 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -71,6 +72,22 @@ def probability_of_improvement(x, y, mode: str = "max") -> float:
         x, y = -x, -y
     diff = x[:, None] - y[None, :]
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def welch_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Welch t-test p-value of samples a vs b; NaN when either has fewer than 2 values.
+
+    scipy returns NaN when both samples have zero variance (t = x/0); seeds that all land on the
+    same number are common for deterministic rows, so decide that case by the means instead.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return 1.0 if a[0] == b[0] else 0.0
+    with warnings.catch_warnings():     # nearly equal seeds: scipy warns of precision loss; the p it returns stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def holm(pvalues) -> np.ndarray:
@@ -143,7 +160,6 @@ def row_statistics(values: list[np.ndarray], papers: list[float], mode: str = "m
     the rows tested against the baseline), seeds_needed (to detect the paper's difference between this row and the
     baseline row at the pooled spread of the two rows). The baseline row has NaN in every column against itself.
     """
-    from orchestrator.tables import welch_p   # the one Welch test of the table (ties decided by the means)
 
     refs = [0] * len(values) if refs is None else refs
     out: dict[str, list[float]] = {k: [] for k in ("ci_low", "ci_high", "delta_ci_low", "delta_ci_high", "p_improve",

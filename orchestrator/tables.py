@@ -13,42 +13,29 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from orchestrator import stats as rowstats
+from orchestrator.controls import control_columns, control_note, has_control
+from orchestrator.stats import welch_p  # the one Welch test of the table (orchestrator.stats); tables.welch_p for callers
 from orchestrator.columns import reference_indices
 
 STAT_COLUMNS = ["ci_low", "ci_high", "delta_ci_low", "delta_ci_high", "p_improve", "p_holm", "seeds_needed"]
 SUMMARY_COLUMNS = ["row", "n", "mean", "std", "delta", "p_welch", "paper", "paper_std", "failed", "pending",
-                   "rl_clipfrac", *STAT_COLUMNS, "rl_inert", "best", "reference"]
+                   "rl_clipfrac", "rl_grad_share_max", *STAT_COLUMNS, "rl_inert", "best", "reference", "delta_control",
+                   "p_control"]
 DASH = "—"
 CLIPFRAC = "rl/clipfrac"
 INERT_CLIPFRAC = 0.95      # a row's PPO term is inert when its clipfrac is at least this over its last half of epochs
+GRAD_SHARE = "rl/grad_share"
+INERT_GRAD_SHARE = 1e-3    # ... or when its rl/grad_share (trainers.grad_share) stays below this over that half
 INERT_MARK = "†"
 P_HEADER = "p (Welch, Holm)"
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def welch_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided Welch t-test p-value of samples a vs b; NaN when either has fewer than 2 values.
-
-    scipy returns NaN when both samples have zero variance (t = x/0); seeds that all land on the
-    same number are common for deterministic rows, so decide that case by the means instead.
-    """
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    if np.ptp(a) == 0 and np.ptp(b) == 0:
-        return 1.0 if a[0] == b[0] else 0.0
-    with warnings.catch_warnings():     # nearly equal seeds: scipy warns of precision loss; the p it returns stands
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def _ok_values(trials: pd.DataFrame, metric: str, name: str) -> np.ndarray:
@@ -60,15 +47,29 @@ def _ok_values(trials: pd.DataFrame, metric: str, name: str) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
+def late_values(epochs: pd.DataFrame | None, name: str, column: str) -> pd.Series:
+    """One row's values of an epochs.parquet column over the last half of each of its trials' epochs that have one
+    (empty without)."""
+    if epochs is None or column not in epochs.columns or not len(epochs):
+        return pd.Series(dtype=float)
+    data = epochs.loc[epochs["row"] == name, ["trial_id", "epoch", column]].dropna()
+    if data.empty:
+        return pd.Series(dtype=float)
+    last = data.groupby("trial_id")["epoch"].transform("max")
+    return data.loc[data["epoch"] > last / 2, column].astype(float)
+
+
 def late_clipfrac(epochs: pd.DataFrame | None, name: str) -> float:
     """Mean rl/clipfrac of one row over the last half of each of its trials' epochs (NaN without PPO figures)."""
-    if epochs is None or CLIPFRAC not in epochs.columns or not len(epochs):
-        return math.nan
-    data = epochs.loc[epochs["row"] == name, ["trial_id", "epoch", CLIPFRAC]].dropna()
-    if data.empty:
-        return math.nan
-    last = data.groupby("trial_id")["epoch"].transform("max")
-    return float(data.loc[data["epoch"] > last / 2, CLIPFRAC].mean())
+    values = late_values(epochs, name, CLIPFRAC)
+    return float(values.mean()) if len(values) else math.nan
+
+
+def late_grad_share_max(epochs: pd.DataFrame | None, name: str) -> float:
+    """The largest rl/grad_share of one row over the last half of each of its trials' epochs: the share stays below
+    a bound there iff this does (NaN without the figure: no policy, or no L_seg)."""
+    values = late_values(epochs, name, GRAD_SHARE)
+    return float(values.max()) if len(values) else math.nan
 
 
 def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "max",
@@ -80,9 +81,11 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
     t-test vs the reference row; NaN for a reference row or when either side has n < 2), paper and paper_std (NaN
     when absent), failed (failed
     trials), pending (why a row could not run, "" for a row that could), rl_clipfrac (the row's PPO clip
-    fraction over the last half of its epochs, from ``epochs``; NaN without), rl_inert (rl_clipfrac >=
-    INERT_CLIPFRAC: nearly every ratio left [1 - eps, 1 + eps], so L_Policy's gradient was mostly off and the
-    row trained on L_seg and the KL pull), best (True on the single row with the best mean; ``mode`` is "max"
+    fraction over the last half of its epochs, from ``epochs``; NaN without), rl_grad_share_max (the largest
+    rl/grad_share over that half; NaN without), rl_inert (rl_clipfrac >= INERT_CLIPFRAC: nearly every ratio left
+    [1 - eps, 1 + eps], so L_Policy's gradient was mostly off and the row trained on L_seg and the KL pull; or
+    rl_grad_share_max < INERT_GRAD_SHARE: the RL terms' gradient did not reach the segmentor's own weights),
+    best (True on the single row with the best mean; ``mode`` is "max"
     or "min"), orchestrator.stats.row_statistics's STAT_COLUMNS (ci_low ... seeds_needed), reference (the row
     compared with), and for each of the spec's `columns` ({name, metric}, orchestrator.columns) `<name>: mean`,
     `<name>: std`, `<name>: delta` (vs the reference row) and `<name>: paper` (column_keys).
@@ -110,15 +113,17 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
             "failed": int(((trials["row"] == spec_row["name"]) & (trials["status"] == "failed")).sum()),
             "pending": spec_row.get("pending") or "",
             "rl_clipfrac": late_clipfrac(epochs, spec_row["name"]),
+            "rl_grad_share_max": late_grad_share_max(epochs, spec_row["name"]),
         })
-    summary = pd.DataFrame(lines, columns=SUMMARY_COLUMNS[:SUMMARY_COLUMNS.index("rl_clipfrac") + 1])
+    summary = pd.DataFrame(lines, columns=SUMMARY_COLUMNS[:SUMMARY_COLUMNS.index("rl_grad_share_max") + 1])
     summary = summary.astype({"row": object, "n": int, "failed": int,
                               "mean": float, "std": float, "delta": float, "p_welch": float, "paper": float,
-                              "paper_std": float, "pending": object, "rl_clipfrac": float})
+                              "paper_std": float, "pending": object, "rl_clipfrac": float, "rl_grad_share_max": float})
     extra = rowstats.row_statistics(values, list(summary["paper"]), mode, refs=refs)
     for column in STAT_COLUMNS:
         summary[column] = np.asarray(extra[column], dtype=float) if len(summary) else np.array([], dtype=float)
-    summary["rl_inert"] = summary["rl_clipfrac"].to_numpy() >= INERT_CLIPFRAC     # NaN compares False
+    summary["rl_inert"] = ((summary["rl_clipfrac"].to_numpy() >= INERT_CLIPFRAC)      # NaN compares False
+                           | (summary["rl_grad_share_max"].to_numpy() < INERT_GRAD_SHARE))
 
     best = np.zeros(len(summary), dtype=bool)
     means = summary["mean"]
@@ -126,6 +131,8 @@ def summarize(trials: pd.DataFrame, metric: str, rows: list[dict], mode: str = "
         best[(means.idxmax() if mode == "max" else means.idxmin())] = True
     summary["best"] = best
     summary["reference"] = pd.Series([rows[j]["name"] for j in refs], dtype=object)
+    for key, column_values in control_columns(rows, values).items():    # Δ and p against the spec's control row
+        summary[key] = np.asarray(column_values, dtype=float)
     for column in columns or []:
         per_row = [_ok_values(trials, column["metric"], r["name"]) for r in rows]
         col_means = np.array([v.mean() if len(v) else math.nan for v in per_row])
@@ -162,10 +169,19 @@ def spec_columns(summary: pd.DataFrame) -> list[str]:
 
 
 def inert_warnings(summary: pd.DataFrame) -> list[str]:
-    """One line per row whose RL term was inert (summarize's rl_inert)."""
-    return [f"row {line.row!r}: the RL term was inert (rl/clipfrac {line.rl_clipfrac:.2f} >= {INERT_CLIPFRAC} over "
-            f"the last half of its epochs): L_Policy's gradient was mostly off, the row trained on L_seg and the KL "
-            f"pull; see method.loss.ratio_level" for line in summary.itertuples(index=False) if line.rl_inert]
+    """One line per row and reason whose RL term was inert (summarize's rl_inert)."""
+    out = []
+    for line in summary.itertuples(index=False):
+        if line.rl_clipfrac >= INERT_CLIPFRAC:
+            out.append(f"row {line.row!r}: the RL term was inert (rl/clipfrac {line.rl_clipfrac:.2f} >= "
+                       f"{INERT_CLIPFRAC} over the last half of its epochs): L_Policy's gradient was mostly off, the "
+                       f"row trained on L_seg and the KL pull; see method.loss.ratio_level")
+        if getattr(line, "rl_grad_share_max", math.nan) < INERT_GRAD_SHARE:
+            out.append(f"row {line.row!r}: the RL term was inert (rl/grad_share at most {line.rl_grad_share_max:.2g} "
+                       f"< {INERT_GRAD_SHARE:g} over the last half of its epochs): the RL terms' gradient did not "
+                       f"reach the segmentor's own weights, which trained on L_seg alone; see "
+                       f"method.policy.detach_state, method.loss.element_reduction")
+    return out
 
 
 # --------------------------------------------------------------------------- human formatting
@@ -240,7 +256,8 @@ def _layout(summary: pd.DataFrame, metric: str, columns: list[dict] | None) -> t
     delta = f"Δ vs {_reference_name(summary)}" if metric_column is None else \
         f"Δ {metric_column} vs {_reference_name(summary)}"
     paper = "paper" if not names else "paper (" + " / ".join(([] if metric_column else [metric]) + names) + ")"
-    header = ["n", *means, delta, P_HEADER, paper, "failed"]
+    control = has_control(summary)
+    header = ["n", *means, delta, P_HEADER, *(["Δ vs control", "p vs control"] if control else []), paper, "failed"]
     body = []
     for rec in summary.to_dict("records"):
         n = int(rec["n"])
@@ -250,7 +267,8 @@ def _layout(summary: pd.DataFrame, metric: str, columns: list[dict] | None) -> t
                 for c in names]
         papers = [] if metric_column else [fmt_paper(rec["paper"], rec["paper_std"])]
         papers += [fmt_paper(rec[f"{c}: paper"], rec["paper_std"] if c == metric_column else math.nan) for c in names]
-        body.append([str(n), *own, fmt_delta(rec["delta"]), fmt_p(rec["p_holm"]), " / ".join(papers),
+        vs_control = [fmt_delta(rec["delta_control"]), fmt_p(rec["p_control"])] if control else []
+        body.append([str(n), *own, fmt_delta(rec["delta"]), fmt_p(rec["p_holm"]), *vs_control, " / ".join(papers),
                      str(int(rec["failed"]))])
     primary = 1 + (names.index(metric_column) if metric_column else 0)
     return header, body, primary
@@ -291,12 +309,15 @@ def render_markdown(summary: pd.DataFrame, metric: str, title: str | None = None
     if reused is not None:
         out += ["", f"{reused} cell{'' if reused == 1 else 's'} reused from earlier runs"]
     if "rl_inert" in summary and summary["rl_inert"].any():
-        out += ["", f"{INERT_MARK} RL term inert: rl/clipfrac >= {INERT_CLIPFRAC} over the last half of the epochs "
-                    "(L_Policy's gradient mostly off)"]
+        out += ["", f"{INERT_MARK} RL term inert over the last half of the epochs: rl/clipfrac >= {INERT_CLIPFRAC} "
+                    f"(L_Policy's gradient mostly off) or rl/grad_share < {INERT_GRAD_SHARE:g} (the RL terms' gradient "
+                    "does not reach the segmentor's weights)"]
     if len(summary) > 1:
         out += ["", _escape_markdown(stats_footnote(summary))]
     if reference_note(summary):
         out += ["", _escape_markdown(reference_note(summary))]
+    if control_note(summary):
+        out += ["", _escape_markdown(control_note(summary))]
     if notes:
         out += [""] + [f"- {_escape_markdown(n)}" for n in notes]
     return "\n".join(out) + "\n"

@@ -38,7 +38,8 @@ ROW_PARAM = "row"          # on every trial run, so that the UI's "group by" can
 # mlflow.sharedViewState.<key> (JSON of the table's state: filter, group by, columns); rlseg saves one per sweep
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 ROWS_VIEW_TAG = "rlseg.rows_view"     # on the parent run: the UI path of its trials grouped by row
-ROW_STATS = ("n", "mean", "std", "ci_low", "ci_high", "delta", "delta_ci_low", "delta_ci_high", "p_improve", "p_holm")
+ROW_STATS = ("n", "mean", "std", "ci_low", "ci_high", "delta", "delta_ci_low", "delta_ci_high", "p_improve", "p_holm",
+             "delta_control", "p_control")
 
 # MLflow's HTTP client waits 120 s per request and retries 7 times with backoff 2, 4, 8 ... s (minutes per call
 # while a server is down). A sweep can do without MLflow, so each request gets 5 s and one immediate retry.

@@ -20,7 +20,8 @@ def paper_method():
     once (372M parameters at these shapes) for both signs."""
     plan = resolve(REPO / "ablations" / "reward.yaml", "paper", [
         "model.pretrained=null", "method.regime=rl_only", "method.loss.lambda_kl=0", "method.baseline.kind=none"])
-    cfg = Config.model_validate(plan.rows[-1].config)
+    full = next(r for r in plan.rows if r.name == "r_IoU + r_Dice + r_CE + r_Boundary")   # not the control row
+    cfg = Config.model_validate(full.config)
     torch.manual_seed(0)
     return cfg, build_method(cfg, 21, 255).train()
 
