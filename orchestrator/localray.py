@@ -58,7 +58,11 @@ def _warn_other_ray_instances() -> None:
         from ray._private.services import find_gcs_addresses
 
         others = find_gcs_addresses()
-    except Exception:   # a private helper: if it moved, skip the check
+    except Exception as e:   # a private helper (it may move in a Ray upgrade): say that the check stops checking
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"warning: could not look for other Ray instances on this machine "
+              f"(ray._private.services.find_gcs_addresses): {type(e).__name__}{': ' + text if text else ''}; the "
+              "check that Ray Train can free the resources of stopped trials is skipped", file=sys.stderr, flush=True)
         return
     if len(others) > 1:   # this sweep's own Ray is one of them
         print(f"warning: {len(others) - 1} other Ray instance(s) run on this machine and this Ray's dashboard did "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +115,25 @@ def cluster_nodes() -> list[dict[str, float]]:
 
 
 def autoscaler_max() -> dict[str, float] | None:
-    """What the cluster's autoscaler can reach at most (its cluster config), or None where Ray cannot tell."""
+    """What the cluster's autoscaler can reach at most (its cluster config), or None where Ray cannot tell. Where
+    Ray's private API for it fails (it moved in a Ray upgrade, or the GCS does not answer), one line on stderr
+    names the error."""
     try:
         from ray._private.state import state
 
         found = state.get_max_resources_from_cluster_config()
-    except Exception:   # a private API: if it moved or the GCS does not answer, Ray cannot tell
+    except Exception as e:   # a private API: say that the check stops checking, and why
+        print(f"warning: could not read what the cluster's autoscaler can reach "
+              f"(ray._private.state.get_max_resources_from_cluster_config): {_error_text(e)}; the check of trials "
+              f"against its node types is skipped", file=sys.stderr, flush=True)
         return None
     return {k: float(v) for k, v in found.items()} if found else None
+
+
+def _error_text(e: BaseException) -> str:
+    """An exception in one line: 'AttributeError: ...'."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}{': ' + text if text else ''}"
 
 
 def check_cluster_resources(cells: list[tuple[str, dict[str, Any]]], address: str) -> list[str]:

@@ -59,14 +59,19 @@ def _error_text(trial) -> str | None:
     return trial.get_error()
 
 
-def _record(trial_id: str | None, row: str, row_index: int, seed: int, config: dict[str, Any], *, status: str,
-            error: str | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
-    """A trials.parquet row before any epoch arrived (metrics are added as they are reported)."""
-    return {"trial_id": trial_id, "row": row, "row_index": row_index, "seed": seed, "status": status, "error": error,
-            "trial_path": trial_path(config), "mlflow_run_id": mlflow_run_id, "epochs": 0, "wall_s": None,
-            "cell_key": results.cell_key(config), "code_version": results.code_version(), "reused": False,
-            "source_run": None, "device": "cuda" if config["resources"]["gpus_per_worker"] > 0 else "cpu",
-            "config_json": json.dumps(config, sort_keys=True)}
+def _record(trial_id: str | None, row: str, row_index: int, seed: int, config: dict[str, Any] | None, *,
+            status: str, error: str | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """A trials.parquet row before any epoch arrived (metrics are added as they are reported). config None: the
+    trial has no config (its error says why): no path, cell key, device or config_json either."""
+    rec = {"trial_id": trial_id, "row": row, "row_index": row_index, "seed": seed, "status": status, "error": error,
+           "trial_path": None, "mlflow_run_id": mlflow_run_id, "epochs": 0, "wall_s": None, "cell_key": None,
+           "code_version": results.code_version(), "reused": False, "source_run": None, "device": None,
+           "config_json": None}
+    if config is not None:
+        rec.update(trial_path=trial_path(config), cell_key=results.cell_key(config),
+                   device="cuda" if config["resources"]["gpus_per_worker"] > 0 else "cpu",
+                   config_json=json.dumps(config, sort_keys=True))
+    return rec
 
 
 @dataclass
@@ -75,7 +80,7 @@ class Cell:
     row: str
     row_index: int
     seed: int
-    config: dict[str, Any]
+    config: dict[str, Any] | None     # None: sampled values the search config rejects (extra["error"] says why)
     extra: dict[str, Any] = field(default_factory=dict)    # more trials.parquet columns (a search's params)
 
 
@@ -125,15 +130,16 @@ class SweepRecorder:
         if self.trials.get(trial.trial_id, {}).get("status") == "running":
             return                           # Tune retries a failed trial (FailureConfig): same record and MLflow run
         cell = self.cell_of(trial)
-        run_id = self.tracker.start_trial(
-            run_name=f"{cell.row} | seed {cell.seed}", config=cell.config,
-            tags={"row": cell.row, "row_index": str(cell.row_index), "seed": str(cell.seed),
-                  "sweep_id": self.sweep_id, "git_sha": self.git_sha or "unknown", "trial_id": trial.trial_id,
-                  "trial_path": trial_path(cell.config), **self.tags})
+        rec = {**_record(trial.trial_id, cell.row, cell.row_index, cell.seed, cell.config, status="running"),
+               **cell.extra}
+        tags = {"row": cell.row, "row_index": str(cell.row_index), "seed": str(cell.seed), "sweep_id": self.sweep_id,
+                "git_sha": self.git_sha or "unknown", "trial_id": trial.trial_id,
+                **({"trial_path": rec["trial_path"]} if rec["trial_path"] else {}),
+                **({"error": rec["error"]} if rec["error"] else {}), **self.tags}
+        rec["mlflow_run_id"] = self.tracker.start_trial(run_name=f"{cell.row} | seed {cell.seed}",
+                                                        config=cell.config or {}, tags=tags)
         self.started[trial.trial_id] = time.time()
-        self.trials[trial.trial_id] = {**_record(trial.trial_id, cell.row, cell.row_index, cell.seed, cell.config,
-                                                 status="running", mlflow_run_id=run_id), **cell.extra,
-                                       "planned_epochs": planned_epochs(cell.config)}
+        self.trials[trial.trial_id] = {**rec, "planned_epochs": planned_epochs(cell.config) if cell.config else 0}
         self.show_status()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -169,7 +175,8 @@ class SweepRecorder:
     def _end(self, trial, status: str, error: str | None) -> None:
         rec = self.trials[trial.trial_id]
         rec.update(status=status, error=error, wall_s=time.time() - self.started[trial.trial_id])
-        planned = rec.get("planned_epochs") or planned_epochs(json.loads(rec["config_json"]))
+        planned = rec.get("planned_epochs") or (planned_epochs(json.loads(rec["config_json"])) if rec["config_json"]
+                                                else 0)
         rec["stopped_early"] = status == OK and rec["epochs"] < planned     # by the scheduler (ASHA)
         if rec["stopped_early"]:
             self.tracker.client.set_tag(rec["mlflow_run_id"], "stopped_early", f"after epoch {rec['epochs']}")

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"rlseg-rerun: {str(e).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if not rec.get("config_json"):    # a search trial whose sampled values its search config rejected
+        print(f"rlseg-rerun: cell ({args.row!r}, seed {args.seed}) of {run_dir} has no config to train: "
+              f"{rec.get('error') or 'none was recorded'}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     config = json.loads(rec["config_json"])
     metric = meta.get("metric", "val/mIoU")
     env_file = next((d / "env.json" for d in (run_dir, run_dir.parent) if (d / "env.json").is_file()), None)

@@ -43,12 +43,11 @@ class MethodAwareASHA(ASHAScheduler):
         self.first_rung: dict[str, int] = {}      # trial_id -> the epoch of its first judgement
 
     def first_rung_of(self, trial) -> int:
+        # No fallback: a trial reaches here only with a result, so config_of already built this config in the trial;
+        # an error now is a bug, and judging the trial as if RL began at epoch 0 would hide it (a curriculum trial
+        # judged on its supervised phase). It stops the search instead.
         if trial.trial_id not in self.first_rung:
-            try:
-                start = rl_start_epoch(self.config_of(trial.config))
-            except Exception:    # values the config rejects: the trial fails on its own, and says why
-                start = 0
-            self.first_rung[trial.trial_id] = start + self.rl_grace
+            self.first_rung[trial.trial_id] = rl_start_epoch(self.config_of(trial.config)) + self.rl_grace
         return self.first_rung[trial.trial_id]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:

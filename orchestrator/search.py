@@ -59,11 +59,11 @@ class SearchCells:
     def __call__(self, trial) -> Cell:
         n = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
         values = sampled_values(trial.config)
+        extra = {"params_json": json.dumps(values, sort_keys=True), **{f"param/{k}": v for k, v in values.items()}}
         try:
             config = config_with(self.plan.search_config, values)
-        except Exception:   # recorded with the base config; the trial itself fails and says why
-            config = self.plan.search_config
-        extra = {"params_json": json.dumps(values, sort_keys=True), **{f"param/{k}": v for k, v in values.items()}}
+        except SpecError as e:   # the trial itself fails with this error; its row has no config (it trained none)
+            config, extra["error"] = None, f"SpecError: {str(e).strip().splitlines()[0]}"
         return Cell(f"search {n:02d}", n, self.plan.spec.trial_seed, config, extra)
 
 

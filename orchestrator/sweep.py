@@ -289,8 +289,10 @@ def session(name: str, resolved: dict[str, Any], *, results_root: Path, address:
                     watch=pending.PendingWatch(pending_timeout), log=log)
         try:
             yield s
-        except BaseException:
-            tracker.end_run(parent, ok=False, error="the sweep itself stopped with an exception")
+        except BaseException as e:    # on the parent run, what stopped it (a bug in rlseg, say, or Ctrl-C)
+            what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            tracker.end_run(parent, ok=False, error=f"the sweep itself stopped with an exception: "
+                                                    f"{type(e).__name__}{': ' + what if what else ''}")
             raise
     finally:
         _end_ray(started_ray, own_api_env, previous_api_env, log)

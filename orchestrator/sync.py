@@ -128,18 +128,25 @@ def trial_run_name(rec: dict[str, Any]) -> str:
     return f"{rec['row']} | seed {rec['seed']}" + (" (reused)" if rec.get("reused") else "")
 
 
+def trial_config(rec: dict[str, Any]) -> dict[str, Any]:
+    """The config a trial trained ({} for one that had none: sampled values its search config rejected)."""
+    return json.loads(rec["config_json"]) if rec.get("config_json") else {}
+
+
 def trial_run_tags(f: RunFolder, phase: Phase, rec: dict[str, Any]) -> dict[str, str]:
     """As SweepRecorder.on_trial_start (or .adopt, for a reused cell) and _end tag a trial's run."""
     from orchestrator.trial import trial_path
 
-    config = json.loads(rec["config_json"])
+    config = trial_config(rec)
     tags = {"row": rec["row"], "row_index": str(rec["row_index"]), "seed": str(rec["seed"]), "sweep_id": f.sweep_id,
             "trial_id": rec["trial_id"]}
     if rec.get("reused"):
         tags.update(reused="true", source_run=str(rec.get("source_run") or ""),
                     source_mlflow_run_id=str(rec.get("source_mlflow_run_id") or ""))
     else:
-        tags.update(git_sha=f.git_sha, trial_path=rec.get("trial_path") or trial_path(config))
+        tags["git_sha"] = f.git_sha
+        if rec.get("trial_path") or config:
+            tags["trial_path"] = rec.get("trial_path") or trial_path(config)
     if rec.get("error"):
         tags["error"] = str(rec["error"])[:5000]
     if rec.get("stopped_early"):
@@ -232,7 +239,7 @@ class Sync:
             return run.info.run_id
         tags = trial_run_tags(self.f, phase, rec)
         run_id = create_trial_run(self.client, self.experiment_id, parent_id, trial_run_name(rec),
-                                  json.loads(rec["config_json"]), {**tags, **SYNC_TAG})
+                                  trial_config(rec), {**tags, **SYNC_TAG})
         self._log_epochs(run_id, epoch_metrics(phase, rec), have={})
         self.client.set_terminated(run_id, status=trial_status(rec))
         self.counts.created += 1
@@ -244,7 +251,7 @@ class Sync:
         from orchestrator.tracking import log_params
 
         run_id = run.info.run_id
-        params = {k: v for k, v in flatten(json.loads(rec["config_json"])).items() if k not in run.data.params}
+        params = {k: v for k, v in flatten(trial_config(rec)).items() if k not in run.data.params}
         log_params(self.client, run_id, params)
         for k, v in trial_run_tags(self.f, phase, rec).items():
             if run.data.tags.get(k) != v:

@@ -5,9 +5,10 @@ Default store: sqlite:///<abs results root>/mlflow.db with artifacts beside it, 
 MLFLOW_TRACKING_URI is set (an http:// server for clusters).
 
 MLflow is a copy of the results, never a condition for them: the run folder's Parquet is the record. A Tracker
-bounds every MLflow call in time and never raises; after the first call that fails it is offline for the rest of
-the command (no further attempts, so no stalls add up), says so in one line on stderr, and `rlseg-sync RUN_DIR`
-copies what was missed once the store is back (orchestrator/sync.py).
+bounds every MLflow call in time and never raises for the store: after the first call that fails with a connection,
+HTTP, database or MLflow error (store_errors) it is offline for the rest of the command (no further attempts, so no
+stalls add up), says so in one line on stderr, and `rlseg-sync RUN_DIR` copies what was missed once the store is
+back (orchestrator/sync.py). Any other exception is a bug in rlseg, not MLflow being down: it raises.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import math
 import os
 import queue
 import re
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -66,6 +68,26 @@ def ui_command(uri: str) -> str:
 
 def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What MLflow raises when its store is unreachable or failing: its own MlflowException (HTTP errors and
+    exhausted retries included), OSError (connection refused, requests' errors, a full disk, the Tracker's deadline)
+    and the database errors of a sqlite store ("database is locked")."""
+    from mlflow.exceptions import MlflowException
+
+    errors: list[type[BaseException]] = [MlflowException, OSError, sqlite3.Error]
+    try:
+        import urllib3.exceptions
+        errors.append(urllib3.exceptions.HTTPError)
+    except ImportError:
+        pass
+    try:
+        import sqlalchemy.exc        # not in mlflow-skinny
+        errors.append(sqlalchemy.exc.SQLAlchemyError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def bound_http_requests() -> None:
@@ -211,9 +233,9 @@ class _Worker:
 
 
 class GuardedClient:
-    """MlflowClient's methods through the Tracker: each bounded in time, none raising (None when it failed or the
-    Tracker is offline). A call whose run id (first argument) is None does nothing, so callers can pass the id of a
-    run that was never created."""
+    """MlflowClient's methods through the Tracker: each bounded in time, none raising for the store (None when it
+    failed or the Tracker is offline; a bug in the call raises). A call whose run id (first argument) is None does
+    nothing, so callers can pass the id of a run that was never created."""
 
     def __init__(self, tracker: "Tracker"):
         self._tracker = tracker
@@ -232,8 +254,8 @@ class GuardedClient:
 
 
 class Tracker:
-    """The sweep's MLflow writer. `client` is a GuardedClient. Once offline (a call failed), start_* return None
-    and everything else does nothing; every method takes None for a run id."""
+    """The sweep's MLflow writer. `client` is a GuardedClient. Once offline (a call failed with one of
+    store_errors()), start_* return None and everything else does nothing; every method takes None for a run id."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None, run_dir: Path | None = None):
         bound_http_requests()
@@ -264,10 +286,15 @@ class Tracker:
         start = time.monotonic()
         try:
             return self._worker.run(CALL_DEADLINE_S, fn) if self._worker else fn()
-        except Exception as e:
+        except store_errors() as e:
             self.offline = True
             self._warn(what, e, time.monotonic() - start)
             return None
+        except Exception as e:       # e.g. a TypeError from arguments rlseg got wrong: going offline would hide it
+            if hasattr(e, "add_note"):   # Python >= 3.11
+                e.add_note(f"rlseg: raised by the MLflow call {what!r} ({self.uri}): not a connection, HTTP, database "
+                           f"or MLflow error, so a bug in rlseg, not MLflow being down")
+            raise
 
     def _warn(self, what: str, error: Exception, seconds: float) -> None:
         run_dir = self.run_dir or self._guess_run_dir()

@@ -149,6 +149,25 @@ def test_a_server_that_never_answers_costs_one_deadline(monkeypatch, capsys):
     assert len(warnings_in(err)) == 1 and "no answer within 1 s" in err
 
 
+def test_a_bug_in_an_mlflow_call_fails_loudly_and_an_mlflow_error_goes_offline(tmp_path, capsys, monkeypatch):
+    """Only the store failing (connection, HTTP, MLflow errors) turns the Tracker offline; a call rlseg got wrong is a
+    bug that raises where it happens and leaves MLflow online, not "MLflow is down". Real MLflow: a file store (no
+    database to set up)."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracker = tracking.Tracker((tmp_path / "mlruns").as_uri(), "exp", tmp_path / "mlartifacts")
+    parent = tracker.start_sweep("sweep", {"sweep_id": "s"}, {"a": 1})
+    assert parent is not None and not tracker.offline
+    with pytest.raises(TypeError, match="set_tag"):
+        tracker.client.set_tag(parent, "only a key")              # a bug in rlseg: MLflow never saw the call
+    assert not tracker.offline and not warnings_in(capsys.readouterr().err)
+    tracker.client.set_tag(parent, "k", "v")                    # still logging
+    assert tracker.client.get_run(parent).data.tags["k"] == "v"
+    assert tracker.client.set_tag("no-such-run", "k", "v") is None   # MLflow's own error (MlflowException)
+    assert tracker.offline
+    err = capsys.readouterr().err
+    assert len(warnings_in(err)) == 1 and "(set_tag: MlflowException: Run 'no-such-run' not found" in err
+
+
 def test_rlseg_sync_says_in_one_line_when_a_folder_is_not_a_run(tmp_path):
     out = subprocess.run([str(BIN / "rlseg-sync"), str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2

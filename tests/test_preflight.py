@@ -131,6 +131,21 @@ def test_fits_places_bundles_on_nodes():
     assert fits([({"CPU": 1.0, "GPU": 0.5}, 2)], [{"CPU": 2.0, "GPU": 1.0}])   # fractional GPUs share one
 
 
+def test_when_rays_autoscaler_api_cannot_be_read_one_line_names_the_error(monkeypatch, capsys):
+    """A private Ray API that moved (a Ray upgrade, here without the method preflight reads) says so in one line
+    naming the error, instead of a check that quietly stops checking."""
+    from ray._private.state import GlobalState
+
+    from orchestrator.preflight import autoscaler_max
+
+    monkeypatch.delattr(GlobalState, "get_max_resources_from_cluster_config")
+    assert autoscaler_max() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("warning: could not read what the cluster's autoscaler can reach"), err
+    assert "AttributeError" in err and "get_max_resources_from_cluster_config" in err and "check" in err
+
+
 @pytest.mark.integration
 def test_a_trial_waiting_for_a_gpu_says_so_and_ends_at_the_pending_timeout(tmp_path):
     """An in-process trial that asks for a GPU on a CPU-only local Ray (the plan check skipped): the waiting line,

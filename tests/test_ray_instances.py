@@ -10,6 +10,7 @@ import os
 import pytest
 
 from orchestrator.sweep import API_SERVER_ENV, _restore_env, start_local_ray
+from orchestrator.localray import _warn_other_ray_instances
 
 
 @pytest.fixture
@@ -69,3 +70,15 @@ def test_start_local_ray_restores_the_environment_when_ray_does_not_start(monkey
     with pytest.raises(RuntimeError, match="no Ray here"):
         start_local_ray(driver_slots=1, verbose=0)
     assert os.environ[API_SERVER_ENV] == "http://127.0.0.1:1"
+
+
+def test_when_rays_gcs_finder_cannot_run_one_line_names_the_error(monkeypatch, capsys):
+    """The check for other Ray instances uses a private Ray helper: if it moved (a Ray upgrade, here removed), one
+    line says so and names the error, instead of a check that quietly stops checking."""
+    import ray._private.services
+
+    monkeypatch.delattr(ray._private.services, "find_gcs_addresses")
+    _warn_other_ray_instances()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: could not look for other Ray instances"), err
+    assert "ImportError" in err and "find_gcs_addresses" in err and "skipped" in err

@@ -32,7 +32,7 @@ SPEC = textwrap.dedent("""
       tiny: {data: {image_size: 32, train_size: 32, val_size: 16}, schedule: {epochs: 2, batch_size: 8}}
     search: space.yaml
     num_samples: 4
-    sampler: {seed: 3, n_startup_trials: 2}
+    sampler: {seed: 0, n_startup_trials: 2}   # ASHA prunes 2 (seed 3: each config beat the last at epoch 1)
     scheduler: {kind: asha, grace_period: 1, reduction_factor: 4}
     confirm: {top_k: 1, seeds: [0, 1]}
 """)
@@ -122,7 +122,7 @@ def test_dry_run_shows_the_space_and_the_confirm_matrix(search_spec, capsys):
     rc = sweep_main([str(search_spec()), "--dry-run", "--profile", "tiny", "num_samples=8"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "search: 8 trials" in out and "TPE (seed 3, 2 random first)" in out
+    assert "search: 8 trials" in out and "TPE (seed 0, 2 random first)" in out
     assert "asha (grace period 1 epochs, reduction factor 4, max 2 epochs)" in out
     assert "top 1 configs and the base config x seeds 0,1 = 4 trials" in out
     assert "method.policy.blocks" in out and "int [1, 5] step 2" in out and "choice ['ema', 'batch_mean']" in out
@@ -316,3 +316,37 @@ def test_resume_in_the_confirm_phase_keeps_the_search_and_the_ended_confirm_tria
     finished = [r for r in runs if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags]
     assert sorted(r.data.tags["phase"] for r in finished) == ["confirm"] * 4 + ["search"] * 2
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_search_trial_whose_sampled_values_do_not_fit_is_recorded_without_a_config(search_spec, tmp_path,
+                                                                                       monkeypatch):
+    """Sampled values the search config rejects: the trial's row and MLflow run say why and claim no config (not
+    the search's base config, which the trial never trained). Real MLflow (a file store: no database to set up)."""
+    from ray.tune.experiment import Trial
+
+    from orchestrator import tracking
+    from orchestrator.recorder import SweepRecorder
+    from orchestrator.search import SearchCells
+    from orchestrator.study import SAMPLED
+
+    plan = resolve(search_spec(), "tiny", ["scheduler=none"])
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracker = tracking.Tracker((tmp_path / "mlruns").as_uri(), "demo_search", tmp_path / "mlartifacts")
+    parent = tracker.start_sweep("sweep", {"sweep_id": "s"}, {})
+    meta = {"spec": "demo_search", "metric": "train/loss", "mode": "min", "seeds": [0], "rows": [], "sweep_id": "s"}
+    recorder = SweepRecorder(meta, tmp_path / "search", tracker, "s", None, total=1, cell_of=SearchCells(plan),
+                             progress=False)
+    trial = Trial("__fake", config={"trial": {"config": plan.search_config},
+                                    SAMPLED: {"method.policy.blocks": "many"}}, stub=True)
+    recorder.on_trial_start(0, [trial], trial)
+    rec = recorder.trials[trial.trial_id]
+    assert rec["config_json"] is None and rec["cell_key"] is None
+    assert rec["error"].startswith("SpecError: sampled values: method.policy.blocks: Input should be a valid integer")
+    assert json.loads(rec["params_json"]) == {"method.policy.blocks": "many"}
+    run = tracker.client.get_run(rec["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert "method.name" not in run.data.params and run.data.params["row"] == "search 01"
+    recorder.on_trial_complete(0, [trial], trial)      # (a stub Trial has no error file for on_trial_error)
+    assert not tracker.offline
+    row = pd.read_parquet(tmp_path / "search" / "trials.parquet").iloc[0]
+    assert row["status"] == "failed" and row["config_json"] is None and row["row"] == "search 01"

@@ -181,3 +181,16 @@ def test_asha_never_stops_a_step_curriculum_trial_before_its_rl_phase_ran_for_th
     stopped = _feed(aware, trials, curves, 8)
     assert all(stopped.get(t.trial_id, 99) >= 5 for t in trials[4:]), stopped   # never before RL epoch 4 + grace 1
     assert stopped.get(trials[3].trial_id) == 2                                 # ASHA still prunes: RL epoch 1 + 1
+
+
+def test_asha_stops_the_search_when_it_cannot_tell_a_trials_rl_phase(space_spec):
+    """config_of failing (a bug: here a trial config that lost its search config) is an error of the search, never a
+    trial judged as if its RL phase began at epoch 0 (a step-curriculum trial on its supervised epochs)."""
+    space = "params:\n  method.curriculum.shape: {choice: [quadratic, step]}\n"
+    plan = resolve(space_spec(space=space, base="clip_rl"), overrides=["schedule.epochs=8", "scheduler.grace_period=1",
+                                                                         "metric={name: val/mIoU, mode: max}"])
+    aware = make_scheduler(plan)
+    broken = Trial("__fake", config={SAMPLED: {"method.curriculum.shape": "step"}}, stub=True)   # no "trial" key
+    aware.on_trial_add(None, broken)
+    with pytest.raises(KeyError, match="trial"):
+        aware.on_trial_result(None, broken, {"training_iteration": 1, "val/mIoU": 0.0})
