@@ -54,3 +54,31 @@ def data_root_error(exc) -> str:
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("data.root: ")
     return msg
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as trainers.loop trains (two on a busy 2-core machine run small steps many times
+    slower)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# a small promptable segmenter (seg_r1's frozen model) for tests that need one, random weights
+SEG_TINY = {"name": "promptable_tiny", "dim": 16, "depth": 1, "heads": 2, "mlp": 32}
+
+
+@pytest.fixture(scope="module")
+def seg_checkpoint(tmp_path_factory):
+    """A random-init promptable segmenter's weights (SEG_TINY), saved once per module: frozen in seg_r1, its quality
+    does not matter (the prompt's format and box still move the reward)."""
+    import torch
+    from trainers.methods.promptable_pretrain import SegmenterConfig
+    from trainers.models.promptable import build_promptable
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("seg") / "segmenter.pt"
+    torch.save(build_promptable(SegmenterConfig(**SEG_TINY)).state_dict(), path)
+    return str(path)

@@ -16,16 +16,9 @@ from trainers.grad_share import grad_share, unchanged_state
 from trainers.loop import fit
 from trainers.methods import build_method
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one thread, as the loop trains
+
 SHARE_FLOOR = 1e-2   # ten times the table's inert bound (orchestrator.tables.INERT_GRAD_SHARE)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as trainers.loop trains (two on a busy 2-core machine ran these steps ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def embedded_default(detach_state: bool) -> Config:

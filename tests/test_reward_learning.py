@@ -19,22 +19,13 @@ from pydantic import ValidationError
 from trainers.config import Config
 from trainers.data import build_dataset
 from trainers.methods import build_method
-from trainers.methods.promptable_pretrain import SegmenterConfig
-from trainers.models.promptable import build_promptable
 from trainers.optim import build_optimizer
 from trainers.rl import CONTROLS, RewardControl, control_rewards, iou_reward, reward_stats
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one thread, as the loop trains
+
 SEEDS = (0, 1, 2)
 PRESETS = Path(__file__).resolve().parents[1] / "trainers" / "presets"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as trainers.loop trains (two on a busy 2-core machine run these steps many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -163,16 +154,7 @@ def clip_rl_cfg(seed: int = 0, control: str = "none", **method) -> Config:
         "method": {"name": "clip_rl", "reward": {"control": control}, **method}})
 
 
-SEG = {"name": "promptable_tiny", "dim": 16, "depth": 1, "heads": 2, "mlp": 32}
-
-
-@pytest.fixture(scope="module")
-def seg_checkpoint(tmp_path_factory):
-    """A random-init promptable segmenter (frozen; the prompt's format and box still move the reward)."""
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("seg") / "segmenter.pt"
-    torch.save(build_promptable(SegmenterConfig(**SEG)).state_dict(), path)
-    return str(path)
+from conftest import SEG_TINY as SEG  # noqa: E402  (seg_checkpoint: conftest)
 
 
 def seg_r1_cfg(checkpoint: str, seed: int = 0, control: str = "none") -> Config:

@@ -24,16 +24,7 @@ from trainers.optim import build_lr_schedule, build_optimizer
 from trainers.rl import group_advantages, k3_kl
 from trainers.runtime import Runtime
 
-SEG = {"name": "promptable_tiny", "dim": 16, "depth": 1, "heads": 2, "mlp": 32}
-
-
-@pytest.fixture(scope="module")
-def seg_checkpoint(tmp_path_factory):
-    """A random-init segmenter's weights (its quality does not matter for these tests)."""
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("seg") / "segmenter.pt"
-    torch.save(build_promptable(SegmenterConfig(**SEG)).state_dict(), path)
-    return str(path)
+from conftest import SEG_TINY as SEG  # noqa: E402  (seg_checkpoint: conftest)
 
 
 def _config(checkpoint: str, **method) -> Config:
