@@ -53,4 +53,4 @@ def test_table4_cross_domain_paper_profile_builds_its_models(capsys, roots, repo
                           f"eval.datasets.dark_zurich.root={roots['dark_zurich']}",
                           f"eval.datasets.nighttime_driving.root={roots['nighttime_driving']}")
     assert "Dark Zurich val = val/dark_zurich/mIoU" in out and "Nighttime Driving test = val/nighttime_driving/mIoU" in out
-    assert models.count("resnet50c_d8+fcn") == 2
+    assert models.count("resnet50c_d8+fcn") == 3      # FCN, + RL, and its random-reward control
