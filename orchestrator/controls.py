@@ -23,9 +23,16 @@ def _reward_control(config: dict[str, Any]) -> str:
     return ((config.get("method") or {}).get("reward") or {}).get("control") or "none"
 
 
+def _trains_on_reward(config: dict[str, Any]) -> bool:
+    from trainers.config import Config        # the method's own config says (trainers.config.MethodConfig)
+    return Config.model_validate(config).method.trains_on_reward()
+
+
 def control_targets(rows: list, control: str | None) -> dict[str, str | None]:
     """Row name -> the control row it is read against (None: not an RL row of the control's method, or the control
-    itself). `rows`: orchestrator.spec.Row (name, config); pending rows are not passed."""
+    itself). An RL row: same method as the control, trained on a reward (MethodConfig.trains_on_reward: not CLIP-RL's
+    decoder-only or curriculum rows, not Seg-R1's SFT) and on its real one. `rows`: orchestrator.spec.Row (name,
+    config); pending rows are not passed."""
     out: dict[str, str | None] = {r.name: None for r in rows}
     ctrl = next((r for r in rows if r.name == control), None)
     if ctrl is None:
@@ -33,7 +40,7 @@ def control_targets(rows: list, control: str | None) -> dict[str, str | None]:
     method = (ctrl.config.get("method") or {}).get("name")
     for r in rows:
         if r.name != control and (r.config.get("method") or {}).get("name") == method \
-                and _reward_control(r.config) == "none":
+                and _reward_control(r.config) == "none" and _trains_on_reward(r.config):
             out[r.name] = control
     return out
 

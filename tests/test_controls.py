@@ -46,16 +46,31 @@ def test_table_shows_the_control_column_only_with_a_control():
     assert "vs control" in render_latex(summarize(make_trials(CELLS), METRIC, rows_against()), METRIC)
 
 
-def row(name, method, control="none"):
-    return SimpleNamespace(name=name, config={"method": {"name": method, "reward": {"control": control}}})
+def row(name, method, control="none", **keys):
+    reward = {"control": control} if method != "supervised" else None
+    return SimpleNamespace(name=name, config={"method": {"name": method, **({"reward": reward} if reward else {}),
+                                                         **keys}})
 
 
-def test_control_targets_are_the_rows_of_its_method_on_their_real_reward():
+def test_control_targets_are_the_rl_rows_of_its_method_on_their_real_reward():
     rows = [row("FCN", "supervised"), row("r_IoU", "latent_rl"), row("shuffled", "latent_rl", "shuffled"),
-            row("ctrl", "latent_rl", "random"), row("clip", "clip_rl")]
+            row("ctrl", "latent_rl", "random"), row("no policy", "latent_rl", policy={"enabled": False}),
+            row("clip", "clip_rl")]
     assert control_targets(rows, "ctrl") == {"FCN": None, "r_IoU": "ctrl", "shuffled": None, "ctrl": None,
-                                             "clip": None}
+                                             "no policy": None, "clip": None}
     assert set(control_targets(rows, None).values()) == {None}
+
+
+def test_clip_rl_and_seg_r1_baseline_rows_are_not_read_against_the_control():
+    from orchestrator.spec import resolve
+    for spec, rl_rows in (("clip_rl", {"+ RL"}), ("seg_r1", None)):
+        plan = resolve(Path(__file__).resolve().parents[1] / "ablations" / f"{spec}.yaml")
+        targets = {r["name"]: r["control"] for r in plan.table_rows()}
+        compared = {n for n, c in targets.items() if c}
+        assert "decoder only" not in compared and "+ curriculum" not in compared
+        assert not {n for n in compared if "SFT" in n or "untrained" in n}
+        if rl_rows:
+            assert compared == rl_rows
 
 
 def test_shipped_reward_spec_reads_its_rl_rows_against_the_control(tmp_path):

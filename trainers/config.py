@@ -133,6 +133,11 @@ class MethodConfig(Strict):
     name: str
     seg_loss: SegLossConfig = Field(default_factory=SegLossConfig)
 
+    def trains_on_reward(self) -> bool:
+        """Whether a policy of this config is trained on a reward (an RL row: the table reads it against the spec's
+        spurious-reward control row, orchestrator.controls). False here; the RL methods say when."""
+        return False
+
 
 class ScheduleConfig(Strict):
     epochs: int = Field(10, ge=1)

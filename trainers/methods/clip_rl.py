@@ -78,6 +78,9 @@ class ClipRLConfig(MethodConfig):
     loss: ClipRLLossConfig = Field(default_factory=ClipRLLossConfig)
     eval_sample: bool = False
 
+    def trains_on_reward(self) -> bool:
+        return self.rl.enabled and self.curriculum.shape != "constant"
+
     @model_validator(mode="after")
     def _distinct_actions(self):
         values = self.actions.action_values()

@@ -103,6 +103,9 @@ class LatentRLConfig(MethodConfig):
     rl_start_epoch: int | None = Field(None, ge=0)   # sft_then_rl: first RL epoch (0-based; default: half way)
     eval_sample: bool = False                        # evaluate with a sampled s instead of the mean
 
+    def trains_on_reward(self) -> bool:
+        return self.policy.enabled and (self.loss.lambda_policy > 0 or self.loss.lambda_kl > 0)
+
 
 class Modulation(nn.Module):
     """Injects the policy signal s (B, d, h, w) into z (B, d, h, w); Table 7 and Eq. 13-14, 20-22."""

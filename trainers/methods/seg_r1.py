@@ -79,6 +79,9 @@ class SegR1Config(MethodConfig):
     regime: Literal["grpo", "sft", "none"] = "grpo"
     eval_sample: bool = False          # validate with a sampled prompt instead of the greedy one
 
+    def trains_on_reward(self) -> bool:
+        return self.regime == "grpo"
+
 
 def repeat_embedding(emb, n: int):
     """Repeat an image embedding (a tensor, or SAM 2's (embedding, [high-res maps])) n times per image."""
