@@ -29,7 +29,7 @@ from trainers.methods import register_method
 from trainers.methods.base import RL_TERM, SegMethod, grad_norm
 from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig, RewardControlConfig
 from trainers.models.encoders import conv_bn_relu
-from trainers.rl import Baseline, RewardControl, ema_update, iou_reward, k3_kl
+from trainers.rl import Baseline, build_reward_control, ema_update, iou_reward, k3_kl
 from trainers.rl.reference import reference_policy
 from trainers.schedules import SHAPES, curriculum
 
@@ -126,7 +126,7 @@ class ClipRL(SegMethod):
                           if self.agent is not None else None)
         self.baseline = Baseline(m.baseline.kind, m.baseline.tau, (m.baseline.a_min, m.baseline.a_max))
         # spurious-reward control (ours): replaces the reward's content before the baseline; its own RNG stream
-        self.reward_control = RewardControl(m.reward.control, cfg.seed) if m.reward.control != "none" else None
+        self.reward_control = build_reward_control(m.reward.control, cfg.seed)
         self.group = m.baseline.group_size if m.baseline.kind == "group" else 1
         self.f = 1.0
         # f = 1 (constant) leaves the residual and agent without gradients; DDP must be told

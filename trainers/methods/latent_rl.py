@@ -35,9 +35,9 @@ from trainers.losses import segmentation_loss
 from trainers.methods import register_method
 from trainers.methods.base import RL_TERM, SegMethod, grad_norm
 from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig, RewardControlConfig
-from trainers.rl import (Baseline, GaussianLatentPolicy, RewardControl, ema_update, gaussian_kl, gaussian_log_prob,
-                         gaussian_log_ratio_moments, k3_kl, policy_gradient_loss, ppo_clip_objective, ppo_health,
-                         sample_moments, segmentation_rewards, weighted_reward)
+from trainers.rl import (Baseline, GaussianLatentPolicy, build_reward_control, ema_update, gaussian_kl,
+                         gaussian_log_prob, gaussian_log_ratio_moments, k3_kl, policy_gradient_loss,
+                         ppo_clip_objective, ppo_health, sample_moments, segmentation_rewards, weighted_reward)
 from trainers.rl.objectives import LOG_RATIO_CAP
 from trainers.rl.reference import frozen_copy, reference_policy
 
@@ -182,7 +182,7 @@ class LatentRL(SegMethod):
         self.group = m.baseline.group_size if m.baseline.kind == "group" else 1
         self.weights = m.reward.weights.model_dump()
         # spurious-reward control (ours): replaces r's content before the baseline; its own RNG stream
-        self.reward_control = RewardControl(m.reward.control, cfg.seed) if m.reward.control != "none" else None
+        self.reward_control = build_reward_control(m.reward.control, cfg.seed)
         self.rl_phase = m.regime != "sft_then_rl"
         self.seg_phase = m.regime != "rl_only"
         # rl_only / sft_then_rl leave some parameters without gradients in some steps

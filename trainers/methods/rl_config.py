@@ -31,7 +31,8 @@ class RewardControlConfig(Strict):
     the reward's content (sampling, baseline, KL, schedule). It acts on the per-sample scalar reward that feeds the
     baseline (trainers.rl.control_rewards); train/reward and the reward terms stay the real reward, rl/reward_used is
     the controlled one. random: i.i.d. with the previous step's batch mean and std (Bernoulli at that mean when every
-    reward is 0 or 1; why the previous step's: trainers.rl.rewards.RewardControl); shuffled: the batch's rewards permuted (across groups for GRPO); inverted: -r. What r is per method:
+    reward is 0 or 1; why the previous step's: trainers.rl.rewards.RewardControl); shuffled: the batch's rewards
+    permuted (across groups for GRPO); inverted: -r. What r is per method:
     latent_rl sum_k lambda_k r^k (Eq. 15, in [0, sum lambda]); clip_rl IoU(O) - IoU(s_L) (signed, mostly near 0);
     seg_r1 valid (0.7 IoU + 0.3 S) + valid (format), in [0, 2]. None of them is 0/1, so random is Gaussian."""
     control: Literal["none", "random", "shuffled", "inverted"] = "none"

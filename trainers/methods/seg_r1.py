@@ -33,7 +33,7 @@ from trainers.methods.promptable_pretrain import ForegroundMethod, SegmenterConf
 from trainers.methods.rl_config import BaselineConfig, ReferenceKLConfig, RewardControlConfig
 from trainers.methods.segmenter_cache import segmenter_checkpoint
 from trainers.models.promptable import build_promptable
-from trainers.rl import Baseline, RewardControl, k3_kl, policy_gradient_loss, ppo_clip_loss, ppo_stats
+from trainers.rl import Baseline, build_reward_control, k3_kl, policy_gradient_loss, ppo_clip_loss, ppo_stats
 from trainers.rl.reference import reference_policy
 from trainers.sod_metrics import binary_iou, s_measure
 
@@ -112,7 +112,7 @@ class SegR1(ForegroundMethod):
         self.ref_policy = reference_policy(self.policy, m.loss.kl_reference, m.loss.reference_checkpoint)
         self.baseline = Baseline("group", clip=(m.baseline.a_min, m.baseline.a_max))
         # spurious-reward control (ours): replaces r's content before the group baseline; its own RNG stream
-        self.reward_control = RewardControl(m.reward.control, cfg.seed) if m.reward.control != "none" else None
+        self.reward_control = build_reward_control(m.reward.control, cfg.seed)
         self.group = m.baseline.group_size
         self.ddp_find_unused_parameters = True       # box-only policies leave the label head unused
 

@@ -6,8 +6,8 @@ from trainers.rl.objectives import (ema_update, k3_kl, policy_gradient_loss, ppo
                                     ppo_health, ppo_stats, soft_capped_ratio)
 from trainers.rl.policy import (GaussianLatentPolicy, SampleMoments, gaussian_kl, gaussian_log_prob,
                                gaussian_log_prob_moments, gaussian_log_ratio_moments, sample_moments)
-from trainers.rl.rewards import (CONTROLS, RewardControl, control_rewards, iou_reward, reward_stats,
-                                 segmentation_rewards, weighted_reward)
+from trainers.rl.rewards import (CONTROLS, RewardControl, build_reward_control, control_rewards, iou_reward,
+                                 reward_stats, segmentation_rewards, weighted_reward)
 
 __all__ = [
     "Baseline", "global_mean", "group_advantages",
@@ -16,6 +16,6 @@ __all__ = [
     "soft_capped_ratio",
     "GaussianLatentPolicy", "SampleMoments", "gaussian_kl", "gaussian_log_prob", "gaussian_log_prob_moments",
     "gaussian_log_ratio_moments", "sample_moments",
-    "CONTROLS", "RewardControl", "control_rewards", "iou_reward", "reward_stats", "segmentation_rewards",
-    "weighted_reward",
+    "CONTROLS", "RewardControl", "build_reward_control", "control_rewards", "iou_reward", "reward_stats",
+    "segmentation_rewards", "weighted_reward",
 ]

@@ -209,3 +209,9 @@ class RewardControl(nn.Module):
 
     def extra_repr(self) -> str:
         return f"control={self.control!r}, seed={self.seed}"
+
+
+def build_reward_control(control: str, seed: int) -> RewardControl | None:
+    """A method's RewardControl for `method.reward.control`, None for "none" (its state_dict then stays as without
+    one)."""
+    return None if control == "none" else RewardControl(control, seed)
